@@ -1,0 +1,81 @@
+"""Run every lesson headless with papermill (``make course``) and report status and time per lesson."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import BUILD_DIR, NOTEBOOKS_DIR
+
+
+@dataclass
+class LessonResult:
+    name: str
+    ok: bool
+    seconds: float
+    output: Path
+    error: str = ""
+
+
+def lessons(only: Sequence[str] | None = None) -> list[Path]:
+    """The lesson notebooks in order (``NN_name.ipynb``), optionally only those whose name starts with ``only``."""
+    found = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [nb for nb in found if any(nb.name.startswith(prefix) for prefix in only)]
+        if not found:
+            raise ValueError(f"no lesson matches {list(only)}; lessons: {[nb.stem for nb in lessons()]}")
+    return found
+
+
+def _strip_run_metadata(path: Path) -> None:
+    """Drop papermill's timestamps so a committed notebook changes only when its outputs do."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, path)
+
+
+def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] | None = None) -> list[LessonResult]:
+    """Execute the lessons in fresh kernels from ``build/`` (not their own folder) and print a table.
+
+    ``inplace`` rewrites ``notebooks/`` with the outputs (for committing a full run); otherwise outputs
+    go to ``build/full`` or ``build/smoke``.
+    """
+    import papermill
+
+    if smoke and inplace:
+        raise ValueError("committed notebooks hold the outputs of a full run: use --inplace without --smoke")
+    os.environ["LESSONS_SMOKE"] = "1" if smoke else "0"
+    os.environ["LESSONS_HEADLESS"] = "1"
+    out_dir = BUILD_DIR / ("smoke" if smoke else "full")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for nb in lessons(only):
+        output = nb if inplace else out_dir / nb.name
+        print(f"running {nb.name} ({'smoke' if smoke else 'full'}) ...", flush=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(nb), str(output), cwd=str(out_dir), progress_bar=False, kernel_name="python3")
+            results.append(LessonResult(nb.stem, True, time.perf_counter() - start, output))
+        except Exception as err:  # papermill.PapermillExecutionError and kernel failures alike
+            results.append(LessonResult(nb.stem, False, time.perf_counter() - start, output, str(err).splitlines()[0]))
+        if inplace:
+            _strip_run_metadata(output)
+    print(format_table(results, smoke))
+    return results
+
+
+def format_table(results: Sequence[LessonResult], smoke: bool) -> str:
+    width = max([len(r.name) for r in results] + [6])
+    lines = [f"\n{'lesson':<{width}}  status  seconds   ({'smoke' if smoke else 'full'} mode)", "-" * (width + 28)]
+    for r in results:
+        lines.append(f"{r.name:<{width}}  {'ok' if r.ok else 'FAILED':<6}  {r.seconds:7.1f}" + (f"   {r.error}" if r.error else ""))
+    lines.append(f"{'total':<{width}}  {sum(r.ok for r in results)}/{len(results)} ok  {sum(r.seconds for r in results):6.1f}")
+    return "\n".join(lines)

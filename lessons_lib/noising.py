@@ -1,0 +1,113 @@
+"""The forward process q(x_t | x_0) and its posterior q(x_{t-1} | x_t, x_0) (DDPM, Ho et al. 2020).
+
+Also the three ways a network can describe a noisy image — the noise ``eps``, the clean image ``x0``,
+or the velocity ``v`` (Salimans & Ho 2022) — and exact conversions between them.
+Timesteps ``t`` are integer tensors in [0, T-1], one per batch element (or a single int).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedules import NoiseSchedule
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+
+
+def _timesteps(t: torch.Tensor | int, batch_size: int, schedule: NoiseSchedule) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t must hold integers in [0, {schedule.num_steps - 1}], got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = t.expand(batch_size)
+    if t.shape != (batch_size,):
+        raise ValueError(f"t must be an int or have shape ({batch_size},), got {tuple(t.shape)}")
+    if len(t) and (t.min() < 0 or t.max() >= schedule.num_steps):
+        raise ValueError(f"t must lie in [0, {schedule.num_steps - 1}], got values in [{int(t.min())}, {int(t.max())}]")
+    return t.long().cpu()
+
+
+def extract(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """``values[t]`` reshaped to (B, 1, 1, ...) so it broadcasts against ``like``, in its dtype and device."""
+    t = _timesteps(t, like.shape[0], schedule)
+    out = values[t].to(device=like.device, dtype=like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Sample x_t ~ q(x_t | x_0): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4)."""
+    if eps.shape != x0.shape:
+        raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
+    ab = extract(schedule.alpha_bar, t, x0, schedule)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def q_posterior(
+    x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7).
+
+    mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+    beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+    The variance is returned with shape (B, 1, 1, 1) so it broadcasts.
+    """
+    ab, ab_prev = extract(schedule.alpha_bar, t, xt, schedule), extract(schedule.alpha_bar_prev, t, xt, schedule)
+    beta, alpha = extract(schedule.betas, t, xt, schedule), extract(schedule.alphas, t, xt, schedule)
+    mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab) * xt  # eq. 7
+    variance = extract(schedule.posterior_variance, t, xt, schedule)
+    return mean, variance
+
+
+# ---------------------------------------------------------------------------------------------------
+# eps / x0 / v: three parametrisations of the same prediction
+# ---------------------------------------------------------------------------------------------------
+def x0_from_eps(xt, t, eps, schedule):
+    """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)   (eq. 4 solved for x_0)."""
+    ab = extract(schedule.alpha_bar, t, xt, schedule)
+    return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def eps_from_x0(xt, t, x0, schedule):
+    """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)   (eq. 4 solved for eps)."""
+    ab = extract(schedule.alpha_bar, t, xt, schedule)
+    return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def v_from_x0_eps(x0, eps, t, schedule):
+    """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0   (Salimans & Ho 2022, sec. 4)."""
+    ab = extract(schedule.alpha_bar, t, x0, schedule)
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def x0_from_v(xt, t, v, schedule):
+    """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
+    ab = extract(schedule.alpha_bar, t, xt, schedule)
+    return ab.sqrt() * xt - (1 - ab).sqrt() * v
+
+
+def eps_from_v(xt, t, v, schedule):
+    """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
+    ab = extract(schedule.alpha_bar, t, xt, schedule)
+    return (1 - ab).sqrt() * xt + ab.sqrt() * v
+
+
+def convert_prediction(
+    pred: torch.Tensor, source: str, target: str, xt: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule
+) -> torch.Tensor:
+    """Turn a prediction of type ``source`` into ``target`` (each of ``eps``, ``x0``, ``v``) at (x_t, t)."""
+    for kind in (source, target):
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {kind!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    if source == target:
+        return pred
+    if source == "v":
+        x0, eps = x0_from_v(xt, t, pred, schedule), eps_from_v(xt, t, pred, schedule)
+    elif source == "eps":
+        x0, eps = x0_from_eps(xt, t, pred, schedule), pred
+    else:
+        x0, eps = pred, eps_from_x0(xt, t, pred, schedule)
+    if target == "x0":
+        return x0
+    if target == "eps":
+        return eps
+    return v_from_x0_eps(x0, eps, t, schedule)
