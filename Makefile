@@ -1,0 +1,52 @@
+# Diffusion from Scratch: every target sets up what it needs.
+#   make setup          create .venv with the library and its dev tools (once; again when pyproject changes)
+#   make data           find or download Fashion-MNIST and verify it
+#   make lab            open JupyterLab on notebooks/
+#   make course         run every lesson headless (papermill) into build/full; SMOKE=1 for build/smoke
+#   make notebooks      re-run every lesson in place (full mode) to refresh the committed outputs
+#   make test           unit tests + every notebook through nbval (smoke mode); what CI runs
+#   make doctor / lint / bench
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SMOKE  ?= 0
+NBVAL  := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: setup data lab course notebooks test doctor lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m lessons_lib data
+
+doctor: $(STAMP)
+	$(PY) -m lessons_lib doctor
+
+lab: $(STAMP) data
+	$(VENV)/bin/jupyter lab notebooks/
+
+course: $(STAMP) data
+	$(PY) -m lessons_lib course $(if $(filter 1,$(SMOKE)),--smoke,)
+
+notebooks: $(STAMP) data
+	$(PY) -m lessons_lib course --inplace
+
+test: $(STAMP) data
+	LESSONS_SMOKE=1 LESSONS_HEADLESS=1 $(PY) -m pytest tests notebooks $(NBVAL) -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lessons_lib tests benchmarks
+
+bench: $(STAMP)
+	@ls benchmarks/*.py >/dev/null 2>&1 && for b in benchmarks/*.py; do $(PY) $$b; done || echo "no benchmarks yet"
+
+clean:
+	rm -rf build .pytest_cache

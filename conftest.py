@@ -1,0 +1,4 @@
+# Tests and nbval runs are headless: widgets draw static figures instead of waiting for a user.
+import os
+
+os.environ.setdefault("LESSONS_HEADLESS", "1")
