@@ -34,12 +34,18 @@ def extract(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor, sch
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _signal_noise(t, like: torch.Tensor, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), computed in float64 before the cast (no cancellation near t=0)."""
+    return (extract(schedule.alpha_bar.sqrt(), t, like, schedule),
+            extract((1.0 - schedule.alpha_bar).sqrt(), t, like, schedule))
+
+
 def q_sample(x0: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """Sample x_t ~ q(x_t | x_0): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4)."""
     if eps.shape != x0.shape:
         raise ValueError(f"eps must have the shape of x0 {tuple(x0.shape)}, got {tuple(eps.shape)}")
-    ab = extract(schedule.alpha_bar, t, x0, schedule)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    signal, noise = _signal_noise(t, x0, schedule)
+    return signal * x0 + noise * eps
 
 
 def q_posterior(
@@ -51,11 +57,11 @@ def q_posterior(
     beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
     The variance is returned with shape (B, 1, 1, 1) so it broadcasts.
     """
-    ab, ab_prev = extract(schedule.alpha_bar, t, xt, schedule), extract(schedule.alpha_bar_prev, t, xt, schedule)
-    beta, alpha = extract(schedule.betas, t, xt, schedule), extract(schedule.alphas, t, xt, schedule)
-    mean = ab_prev.sqrt() * beta / (1 - ab) * x0 + alpha.sqrt() * (1 - ab_prev) / (1 - ab) * xt  # eq. 7
-    variance = extract(schedule.posterior_variance, t, xt, schedule)
-    return mean, variance
+    s = schedule
+    coef_x0 = s.alpha_bar_prev.sqrt() * s.betas / (1.0 - s.alpha_bar)  # eq. 7, first term
+    coef_xt = s.alphas.sqrt() * (1.0 - s.alpha_bar_prev) / (1.0 - s.alpha_bar)  # eq. 7, second term
+    mean = extract(coef_x0, t, xt, s) * x0 + extract(coef_xt, t, xt, s) * xt
+    return mean, extract(s.posterior_variance, t, xt, s)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,32 +69,32 @@ def q_posterior(
 # ---------------------------------------------------------------------------------------------------
 def x0_from_eps(xt, t, eps, schedule):
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)   (eq. 4 solved for x_0)."""
-    ab = extract(schedule.alpha_bar, t, xt, schedule)
-    return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+    signal, noise = _signal_noise(t, xt, schedule)
+    return (xt - noise * eps) / signal
 
 
 def eps_from_x0(xt, t, x0, schedule):
     """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)   (eq. 4 solved for eps)."""
-    ab = extract(schedule.alpha_bar, t, xt, schedule)
-    return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    signal, noise = _signal_noise(t, xt, schedule)
+    return (xt - signal * x0) / noise
 
 
 def v_from_x0_eps(x0, eps, t, schedule):
     """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0   (Salimans & Ho 2022, sec. 4)."""
-    ab = extract(schedule.alpha_bar, t, x0, schedule)
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    signal, noise = _signal_noise(t, x0, schedule)
+    return signal * eps - noise * x0
 
 
 def x0_from_v(xt, t, v, schedule):
     """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
-    ab = extract(schedule.alpha_bar, t, xt, schedule)
-    return ab.sqrt() * xt - (1 - ab).sqrt() * v
+    signal, noise = _signal_noise(t, xt, schedule)
+    return signal * xt - noise * v
 
 
 def eps_from_v(xt, t, v, schedule):
     """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
-    ab = extract(schedule.alpha_bar, t, xt, schedule)
-    return (1 - ab).sqrt() * xt + ab.sqrt() * v
+    signal, noise = _signal_noise(t, xt, schedule)
+    return noise * xt + signal * v
 
 
 def convert_prediction(
