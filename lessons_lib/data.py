@@ -39,7 +39,7 @@ SPLITS = ("train", "test")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # name -> (item count, SHA-256 of the *uncompressed* IDX bytes): independent of how a mirror gzips them.
-_FASHION_FILES = {
+FASHION_MNIST_FILES = {
     "train-images-idx3-ubyte": (60000, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
     "train-labels-idx1-ubyte": (60000, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
     "t10k-images-idx3-ubyte": (10000, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
@@ -215,7 +215,7 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None, dow
     images_name, labels_name = _SPLIT_FILES[split]
     arrays = {}
     for name in (images_name, labels_name):
-        count, sha256 = _FASHION_FILES[name]
+        count, sha256 = FASHION_MNIST_FILES[name]
         arrays[name] = read_idx(_idx_file(folder, name), expected_sha256=sha256)
         if len(arrays[name]) != count:  # a valid IDX file of the wrong size: not Fashion-MNIST
             raise IdxFormatError(f"{folder / name}: {len(arrays[name])} items, expected {count}")

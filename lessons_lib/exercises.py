@@ -13,8 +13,10 @@ import torch
 
 def _diagnose(answer, expected: torch.Tensor, rtol: float, atol: float) -> str | None:
     """Why ``answer`` is not ``expected``, or None when it matches."""
-    if answer is None or answer is Ellipsis:
-        return "there is no answer yet (got None): replace the `...` with your code"
+    if answer is Ellipsis:
+        return "there is no answer yet: replace the `...` with your code"
+    if answer is None:
+        return "there is no answer yet (got None): fill in the stub so it returns your result"
     if not isinstance(answer, torch.Tensor):
         return f"expected a torch.Tensor, got {type(answer).__name__}"
     if answer.shape != expected.shape:

@@ -50,8 +50,10 @@ def show_grid(
     title: str | None = None,
     row_labels: Sequence[str] | None = None,
     scale: float = 0.6,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
 ) -> Figure:
-    """A grid of images (B, C, H, W) in [-1, 1], ``nrow`` per row, with optional labels for the rows."""
+    """A grid of images (B, C, H, W) in [-1, 1], ``nrow`` per row, with optional row labels and axis labels."""
     if images.ndim != 4:
         raise ValueError(f"expected a batch (B, C, H, W), got shape {tuple(images.shape)}")
     grid = make_grid(to_unit(images.cpu()), nrow=nrow, padding=2, pad_value=1.0)
@@ -67,8 +69,7 @@ def show_grid(
         ax.set_yticks([2 + h * (i + 0.5) for i in range(rows)], list(row_labels))
     else:
         ax.set_yticks([])
-    if title:
-        ax.set_title(title)
+    ax.set(title=title or "", xlabel=xlabel or "", ylabel=ylabel or "")
     return fig
 
 

@@ -122,14 +122,14 @@ class NoisingExplorer:
         self.ax_xt.set_title(f"$x_t$, t={t}", fontsize=9)
         self.ax_ab.set_title(rf"{self.state['schedule']}: $\bar\alpha_{{{t}}}$={float(schedule.alpha_bar[t]):.3f}", fontsize=9)
 
-    def widget(self):
-        """Sliders for t and the image index, a schedule dropdown and a seed box, over the figure."""
+    def widget(self, max_index: int = 1000):
+        """Sliders for t and the image index (the first ``max_index`` images), a schedule dropdown and a seed box."""
         import ipywidgets as W
 
         s = self.state
         controls = {
             "t": W.IntSlider(value=s["t"], min=0, max=self.num_steps - 1, description="t", continuous_update=True),
-            "index": W.IntSlider(value=s["index"], min=0, max=min(len(self.dataset), 1000) - 1, description="image"),
+            "index": W.IntSlider(value=s["index"], min=0, max=min(len(self.dataset), max_index) - 1, description="image"),
             "schedule": W.Dropdown(options=list(SCHEDULES), value=s["schedule"], description="schedule"),
             "seed": W.IntText(value=s["seed"], description="seed", layout=W.Layout(width="150px")),
         }

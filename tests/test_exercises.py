@@ -12,7 +12,7 @@ def test_check_correct(capsys):
 
 def test_check_explains_each_failure(capsys):
     cases = [
-        (None, "no answer yet"),
+        (None, "no answer yet (got None)"),
         (..., "no answer yet"),
         ([1.0, 2.0], "expected a torch.Tensor, got list"),
         (torch.ones(3), "the shape is (3,), expected (2,)"),
