@@ -152,8 +152,9 @@ class ScheduleExplorer:
         self.fig = Figure(figsize=(10, 3.4), layout="constrained")
         self.ax_ab, self.ax_snr = self.fig.subplots(1, 2)
         self.lines = {n: (self.ax_ab.plot([], [], label=n)[0], self.ax_snr.plot([], [], label=n)[0]) for n in self.names}
-        self.ax_ab.set(xlabel="t / T", ylabel=r"$\bar\alpha_t$", xlim=(0, 1), ylim=(-0.02, 1.02))
-        self.ax_snr.set(xlabel="t / T", ylabel=r"$\log_{10}$ SNR", xlim=(0, 1))
+        self.ax_ab.set(xlabel="t / T", ylabel=r"$\bar\alpha_t$", xlim=(0, 1), ylim=(-0.02, 1.02),
+                       title=r"$\bar\alpha_t$ (signal variance kept)")
+        self.ax_snr.set(xlabel="t / T", ylabel=r"$\log_{10}$ SNR", xlim=(0, 1), title="signal-to-noise ratio")
         self.ax_ab.legend(fontsize=8)
         self.update()
 
@@ -171,7 +172,7 @@ class ScheduleExplorer:
             lo, hi = min(lo, finite.min()), max(hi, finite.max())
         self.ax_snr.set_ylim(lo - 0.5, hi + 0.5)
         ztsnr = ", zero terminal SNR" if self.state["zero_terminal_snr"] else ""
-        self.ax_ab.set_title(f"T={self.state['num_steps']}{ztsnr}", fontsize=9)
+        self.fig.suptitle(f"Noise schedules against t/T (T={self.state['num_steps']}{ztsnr})")
 
     def widget(self):
         import ipywidgets as W

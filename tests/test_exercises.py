@@ -17,7 +17,7 @@ def test_check_explains_each_failure(capsys):
         ([1.0, 2.0], "expected a torch.Tensor, got list"),
         (torch.ones(3), "the shape is (3,), expected (2,)"),
         (torch.ones(2, dtype=torch.long), "dtype is torch.int64"),
-        (torch.tensor([1.0, float("nan")]), "NaN or infinite"),
+        (torch.tensor([1.0, float("nan")]), "NaN or infinite where a number is expected"),
         (torch.tensor([1.0, 3.0]), "1 of 2 values differ (largest error 1); first at index (1,): got 3, expected 2"),
     ]
     for answer, message in cases:
@@ -38,3 +38,10 @@ def test_check_function(capsys):
 
     assert not check_function(broken, ref, [(torch.ones(2),)], "double")
     assert "raised ZeroDivisionError: oops" in capsys.readouterr().out
+
+
+def test_matching_infinities_are_accepted(capsys):
+    expected = torch.tensor([1.0, float("-inf")])
+    assert check(torch.tensor([1.0, float("-inf")]), expected, "log SNR")
+    assert not check(torch.tensor([float("inf"), float("-inf")]), expected, "log SNR")
+    assert "1 values are NaN or infinite where a number is expected" in capsys.readouterr().out
