@@ -34,6 +34,27 @@ def _course(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _train(args) -> int:
+    from .train import preset, train
+
+    overrides = {k: v for k, v in {
+        "out_dir": args.out_dir, "max_steps": args.max_steps, "epochs": args.epochs, "minutes": args.minutes,
+        "batch_size": args.batch_size, "lr": args.lr, "prediction": args.prediction, "loss": args.loss,
+        "weighting": args.weighting, "schedule": args.schedule, "device": args.device, "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+    }.items() if v is not None}
+    if args.compile:
+        overrides["compile"] = True
+    if args.channels_last:
+        overrides["channels_last"] = True
+    if args.max_steps is not None or args.epochs is not None:
+        overrides.setdefault("minutes", None)  # an explicit length replaces the preset's time budget
+    result = train(preset(args.preset, **overrides), resume=not args.no_resume, progress=not args.no_progress)
+    if result.step and result.history:
+        print(f"step {result.step}: loss {result.history[-1][1]:.4f}; EMA weights in {result.out_dir}")
+    return 130 if result.interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lessons_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="look only in this folder")
     p.add_argument("--no-download", action="store_true", help="never use the network")
     p.set_defaults(run=_data)
+
+    p = sub.add_parser("train", help="train (or resume) a diffusion model; also runs under torchrun")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "tiny"], help="sizes and defaults to start from")
+    p.add_argument("--out-dir", help="where checkpoints go (resumes from out-dir/resume.pt if present)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--minutes", type=float, help="wall-clock budget of this run")
+    p.add_argument("--batch-size", type=int, help="global batch, split across processes")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--prediction", choices=["eps", "v", "x0"])
+    p.add_argument("--loss", choices=["l2", "l1", "huber"])
+    p.add_argument("--weighting", choices=["uniform", "min_snr"])
+    p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine", "sigmoid"])
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("course", help="run every lesson headless with papermill and print a table")
     p.add_argument("--smoke", action="store_true", help="shrunk parameters (LESSONS_SMOKE=1)")

@@ -76,6 +76,7 @@ def format_table(results: Sequence[LessonResult], smoke: bool) -> str:
     width = max([len(r.name) for r in results] + [6])
     lines = [f"\n{'lesson':<{width}}  status  seconds   ({'smoke' if smoke else 'full'} mode)", "-" * (width + 28)]
     for r in results:
-        lines.append(f"{r.name:<{width}}  {'ok' if r.ok else 'FAILED':<6}  {r.seconds:7.1f}" + (f"   {r.error}" if r.error else ""))
+        status = "ok" if r.ok else "FAILED"
+        lines.append(f"{r.name:<{width}}  {status:<6}  {r.seconds:7.1f}" + (f"   {r.error}" if r.error else ""))
     lines.append(f"{'total':<{width}}  {sum(r.ok for r in results)}/{len(results)} ok  {sum(r.seconds for r in results):6.1f}")
     return "\n".join(lines)

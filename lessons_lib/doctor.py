@@ -76,7 +76,8 @@ def doctor() -> Report:
     if torch.cuda.is_available():
         cuda = f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
     else:
-        cuda = f"not available (torch built with CUDA {torch.version.cuda})" if torch.version.cuda else "not available (CPU build)"
+        build = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+        cuda = f"not available ({build})"
     return Report(
         versions=versions,
         device=str(device),

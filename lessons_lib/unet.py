@@ -103,7 +103,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))  # softmax(QK^T/sqrt(d))V
+        q, k, v = (z.transpose(-1, -2) for z in (q, k, v))  # (B, heads, positions, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -114,7 +115,8 @@ class SimpleBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU())
         self.emb = nn.Linear(emb_dim, out_ch)
-        self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(), nn.Dropout(dropout))
+        self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(),
+                                   nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x) + self.emb(emb)[:, :, None, None])
@@ -176,8 +178,9 @@ class UNet(nn.Module):
             if class_labels is None:
                 class_labels = torch.full((batch,), self.config.num_classes, device=emb.device)
             elif class_labels.min() < 0 or class_labels.max() > self.config.num_classes:
-                raise ValueError(f"class labels must lie in [0, {self.config.num_classes}] "
-                                 f"({self.config.num_classes} = null class), got [{int(class_labels.min())}, {int(class_labels.max())}]")
+                n = self.config.num_classes
+                raise ValueError(f"class labels must lie in [0, {n}] ({n} = null class), "
+                                 f"got [{int(class_labels.min())}, {int(class_labels.max())}]")
             emb = emb + self.class_emb(class_labels.to(emb.device))
         elif class_labels is not None:
             raise ValueError("this model is unconditional (num_classes=None): pass class_labels=None")
@@ -196,17 +199,17 @@ class UNet(nn.Module):
         emb = self._embedding(t, class_labels, x.shape[0])
         h = self.stem(x)
         skips = [h]
-        for level, down in zip(self.down, self.downsample):
-            for block, attn in zip(level.blocks, level.attns):
+        for level, down in zip(self.down, self.downsample, strict=True):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
                 h = attn(block(h, emb))
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
-        for block, attn in zip(self.mid.blocks, self.mid.attns):
+        for block, attn in zip(self.mid.blocks, self.mid.attns, strict=True):
             h = attn(block(h, emb))
-        for level, up in zip(self.up, self.upsample):
-            for block, attn in zip(level.blocks, level.attns):
+        for level, up in zip(self.up, self.upsample, strict=True):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))  # back to the skip's size, odd or even

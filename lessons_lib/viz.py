@@ -2,14 +2,14 @@
 
 Every function returns a :class:`Figure` (a matplotlib Figure not registered with pyplot), so a
 notebook shows it exactly once (as the cell's value or with ``display(fig)``), nothing leaks when
-many are made, and a script can call ``fig.savefig(path)``. Images come in as model tensors in [-1, 1]; [0, 1] exists only here, at the edge.
+many are made, and a script can call ``fig.savefig(path)``. Images come in as model tensors in [-1, 1];
+[0, 1] exists only here, at the edge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import io
+from collections.abc import Mapping, Sequence
 
 import matplotlib.figure
 import numpy as np
@@ -101,7 +101,7 @@ def noising_strip(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence
     xt = q_sample(xs, ts, eps, schedule)
     fig = Figure(figsize=(1.4 * len(ts), 1.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(ts)))
-    for ax, img, t in zip(axes, xt, ts.tolist()):
+    for ax, img, t in zip(axes, xt, ts.tolist(), strict=True):
         _imshow(ax, img)
         ax.set_title(f"t={t}\n" + r"$\bar\alpha$=" + f"{schedule.alpha_bar[t]:.2f}", fontsize=8)
     fig.suptitle(title or f"One image under the {schedule.name} schedule (T={schedule.num_steps})")
@@ -126,17 +126,18 @@ def plot_schedules(schedules: Mapping[str, NoiseSchedule] | Sequence[NoiseSchedu
 
 
 def pixel_histograms(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], seed: int = 0,
-                     bins: int = 60) -> Figure:
+                     bins: int = 60, title: str | None = None) -> Figure:
     """Histograms of the pixel values of x_t for a batch x0, one panel per t, against the N(0, 1) density."""
     fig = Figure(figsize=(3 * len(timesteps), 2.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(timesteps), sharey=True))
     eps = randn(x0.shape, seed=seed)
     grid = np.linspace(-4, 4, 200)
-    for ax, t in zip(axes, timesteps):
+    for ax, t in zip(axes, timesteps, strict=True):
         xt = q_sample(x0, int(t), eps, schedule)
         ax.hist(xt.flatten().numpy(), bins=bins, range=(-4, 4), density=True, color="tab:blue", alpha=0.7)
         ax.plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), color="k", lw=1, label="N(0, 1)")
         ax.set(title=f"t={int(t)}", xlabel="pixel value of $x_t$")
     axes[0].set_ylabel("density")
     axes[0].legend(fontsize=8)
+    fig.suptitle(title or f"Pixel values of $x_t$ under the {schedule.name} schedule drift to N(0, 1)")
     return fig

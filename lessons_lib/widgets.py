@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+
 from .config import headless
 from .data import ImageDataset
 from .device import randn
@@ -95,6 +96,7 @@ class NoisingExplorer:
         (self.marker,) = ax_ab.plot([], [], "o", color="tab:red")
         ax_ab.set(xlabel="t", ylabel=r"$\bar\alpha_t$", ylim=(-0.02, 1.02), xlim=(0, num_steps - 1))
         self.ax_ab = ax_ab
+        self.fig.suptitle(r"Forward noising explorer: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$")
         self.update()
 
     def _x0(self) -> torch.Tensor:

@@ -45,3 +45,9 @@ def test_matching_infinities_are_accepted(capsys):
     assert check(torch.tensor([1.0, float("-inf")]), expected, "log SNR")
     assert not check(torch.tensor([float("inf"), float("-inf")]), expected, "log SNR")
     assert "1 values are NaN or infinite where a number is expected" in capsys.readouterr().out
+
+
+def test_plain_numbers_are_accepted_for_scalar_answers(capsys):
+    assert check(259, torch.tensor(259), "the step")
+    assert not check(258, torch.tensor(259), "the step")
+    assert "got 258, expected 259" in capsys.readouterr().out

@@ -5,8 +5,15 @@ import torch
 
 from lessons_lib.device import randn
 from lessons_lib.noising import (
-    PREDICTION_TYPES, convert_prediction, eps_from_v, eps_from_x0, q_posterior, q_sample, v_from_x0_eps,
-    x0_from_eps, x0_from_v,
+    PREDICTION_TYPES,
+    convert_prediction,
+    eps_from_v,
+    eps_from_x0,
+    q_posterior,
+    q_sample,
+    v_from_x0_eps,
+    x0_from_eps,
+    x0_from_v,
 )
 from lessons_lib.schedules import get_schedule
 

@@ -1,7 +1,6 @@
 """pyproject.toml and environment.yml list the same dependencies, with bounds our pinned torch meets."""
 
 import tomllib
-
 import yaml
 from packaging.requirements import Requirement
 

@@ -76,9 +76,9 @@ def test_gradients_reach_every_parameter(variant):
 
 def test_same_seed_same_init():
     a, b, c = _model(seed=1), _model(seed=1), _model(seed=2)
-    for (n, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), n
-    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters(), strict=True))
     assert count_parameters(a) == count_parameters(b) > 0
 
 

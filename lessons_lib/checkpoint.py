@@ -1,0 +1,129 @@
+"""Persistence: inference weights as safetensors + a JSON config, and atomic writes for everything.
+
+Inference weights (``model.safetensors`` + ``config.json``) are separate from the resume checkpoint
+(``resume.pt``, written by the trainer): the first is small, safe to share and loads without pickle; the
+second holds the optimizer and RNG state and is read with ``torch.load(weights_only=True)``.
+Every file is written to a temporary name and renamed into place, so an interrupted save never
+destroys the last good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .unet import UNet, UNetConfig
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``_orig_mod.`` / ``module.`` prefixes and move tensors to contiguous CPU memory."""
+    out = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            key = key.removeprefix(prefix)
+        out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (architecture, metadata, sha256 of the weights)."""
+    path = Path(path)
+    state = clean_state_dict(model.state_dict())
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    config = {
+        "model": model.config.to_dict(),
+        "lessons_lib_version": __version__,
+        "weights_sha256": sha256_file(path / WEIGHTS),
+        **(metadata or {}),
+    }
+    atomic_write(path / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """The JSON config of a saved model folder, with a clear error when it is missing or malformed."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: a model folder holds {WEIGHTS} and {CONFIG}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from err
+
+
+def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Rebuild the model saved by :func:`save_pretrained`; returns ``(model in eval mode, config)``.
+
+    Checks the weights' sha256 against the config, and reports missing/unexpected keys and shape
+    mismatches by name.
+    """
+    path = Path(path)
+    config = read_config(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found")
+    expected = config.get("weights_sha256")
+    if expected and sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG} (truncated or replaced file)")
+    try:
+        state = clean_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({err})") from err
+    model = UNet(UNetConfig(**config["model"]))
+    load_state(model, state)
+    return model.to(device).eval(), config
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` with one error listing every missing key, unexpected key and shape mismatch."""
+    own = model.state_dict()
+    state = clean_state_dict(state)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}" if missing else "",
+                 f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}" if unexpected else "",
+                 f"shape mismatches {shapes[:8]}" if shapes else ""]
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state)

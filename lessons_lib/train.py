@@ -1,0 +1,332 @@
+"""Learning: the denoising objective and a training loop that runs on a laptop or under torchrun.
+
+One step (DDPM Algorithm 1): take clean images x0, pick t uniformly, draw eps, form x_t with
+``q_sample``, and regress the network's output onto the target of the chosen parametrisation
+(eps, v or x0), optionally weighted per t with min-SNR-gamma (Hang et al. 2023).
+
+Reproducibility by construction: everything random at step ``s`` (which images, t, eps, which labels
+are dropped, dropout) is drawn from generators seeded with ``(seed, s)``. So resuming needs only the
+step counter next to the model, EMA, optimizer and LR-scheduler states, and N steps + resume + M steps
+gives the same weights as N + M steps in one go (tested on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write, load_state, save_pretrained
+from .config import BUILD_DIR
+from .data import ImageDataset, load_fashion_mnist, to_model
+from .device import autocast_dtype, get_device
+from .noising import PREDICTION_TYPES, q_sample, v_from_x0_eps
+from .schedules import NoiseSchedule, get_schedule
+from .unet import UNet, UNetConfig, count_parameters
+
+LOSSES = ("l2", "l1", "huber")
+WEIGHTINGS = ("uniform", "min_snr")
+RESUME = "resume.pt"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint on disk is untouched."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved with every checkpoint."""
+
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(num_classes=10))
+    schedule: str = "cosine"
+    num_steps: int = 1000  # T, diffusion steps
+    zero_terminal_snr: bool = False
+    prediction: str = "eps"  # what the network predicts: eps, v or x0
+    loss: str = "l2"
+    weighting: str = "uniform"  # or min_snr
+    min_snr_gamma: float = 5.0
+    batch_size: int = 128  # global batch, split evenly across processes
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    class_dropout: float = 0.1  # probability of training a sample as the null class (classifier-free guidance)
+    max_steps: int | None = None  # stop at whichever of max_steps / epochs / minutes comes first
+    epochs: float | None = None
+    minutes: float | None = None  # wall-clock budget of this run (resume to continue)
+    seed: int = 0
+    device: str | None = None
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported); CPU always trains in fp32
+    compile: bool = False
+    channels_last: bool = False
+    out_dir: str = str(BUILD_DIR / "runs" / "default")
+    checkpoint_every: int = 500
+    log_every: int = 25
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = UNetConfig(**self.model)
+        for name, value, allowed in (("prediction", self.prediction, PREDICTION_TYPES), ("loss", self.loss, LOSSES),
+                                     ("weighting", self.weighting, WEIGHTINGS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        if self.max_steps is None and self.epochs is None and self.minutes is None:
+            raise ValueError("say how long to train: max_steps, epochs or minutes")
+        for name in ("batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """``cpu``: recognisable clothes on a 2-core laptop in ~30 min; ``gpu``: the shipped model; ``tiny``: tests."""
+    presets = {
+        "cpu": TrainConfig(model=UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+                                            attention_levels=(False, False, True), num_classes=10, dropout=0.0),
+                           batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995, minutes=30),
+        "gpu": TrainConfig(model=UNetConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2,
+                                            attention_levels=(False, True, True), num_classes=10, dropout=0.1),
+                           batch_size=256, lr=2e-4, warmup_steps=500, ema_decay=0.9995, max_steps=40_000),
+        "tiny": TrainConfig(model=UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                                             attention_levels=(False, True), num_heads=2, num_classes=10, dropout=0.0),
+                            batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, max_steps=10, num_steps=100),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
+    return replace(presets[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------------
+def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, prediction: str, weighting: str, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights. min-SNR-gamma (Hang et al. 2023, eq. 8 and sec. 3.4), written per target:
+    eps: min(SNR, gamma) / SNR,  v: min(SNR, gamma) / (SNR + 1),  x0: min(SNR, gamma)."""
+    if weighting == "uniform":
+        return torch.ones(len(t), dtype=torch.float32)
+    snr = schedule.snr[t.cpu()]
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        w = torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))  # the limit SNR -> 0 is 1
+    elif prediction == "v":
+        w = clipped / (snr + 1)
+    else:
+        w = clipped
+    return w.float()
+
+
+def diffusion_loss(model, x0, t, eps, labels, schedule: NoiseSchedule, cfg: TrainConfig) -> torch.Tensor:
+    """The weighted regression loss of one batch (DDPM Algorithm 1, line 5, generalised)."""
+    xt = q_sample(x0, t, eps, schedule)
+    target = {"eps": eps, "x0": x0, "v": v_from_x0_eps(x0, eps, t, schedule)}[cfg.prediction]
+    pred = model(xt, t, labels).float()
+    criterion = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[cfg.loss]
+    per_sample = criterion(pred, target.float(), reduction="none").flatten(1).mean(1)
+    weights = loss_weights(t, schedule, cfg.prediction, cfg.weighting, cfg.min_snr_gamma).to(per_sample.device)
+    return (weights * per_sample).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# What each step sees: a pure function of (seed, step)
+# ---------------------------------------------------------------------------------------------------
+def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+
+
+def batch_indices(num_images: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the global batch at ``step``: epochs are seeded permutations, the last partial batch dropped."""
+    per_epoch = num_images // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({num_images} images)")
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(num_images, generator=_step_generator(seed, epoch, stream=7))
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def step_noise(cfg: TrainConfig, step: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t, eps and the class-dropout mask of the global batch at ``step`` (drawn on the CPU)."""
+    g = _step_generator(cfg.seed, step, stream=0)
+    t = torch.randint(0, cfg.num_steps, (shape[0],), generator=g)
+    eps = torch.randn(shape, generator=g)
+    drop = torch.rand(shape[0], generator=g) < cfg.class_dropout
+    return t, eps, drop
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(cfg: TrainConfig) -> Dist:
+    """Single process, or one of ``torchrun --nproc_per_node=K`` processes (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=get_device(cfg.device))
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = get_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    return Dist(rank=dist.get_rank(), world=world, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: UNet  # the raw weights
+    ema: UNet  # the EMA weights (use these for sampling)
+    step: int
+    history: list[tuple[int, float]]
+    out_dir: Path
+    interrupted: bool = False
+
+
+def _total_steps(cfg: TrainConfig, num_images: int) -> int:
+    steps = [cfg.max_steps] if cfg.max_steps is not None else []
+    if cfg.epochs is not None:
+        steps.append(math.ceil(cfg.epochs * (num_images // cfg.batch_size)))
+    return min(steps) if steps else 10**12  # minutes only: the clock decides
+
+
+def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, opt, sched, step: int,
+                history: list[tuple[int, float]]) -> None:
+    """Atomically write the resume checkpoint (read back with ``torch.load(weights_only=True)``)."""
+    state = {
+        "config": json.dumps(cfg.to_dict()),
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": step,
+        "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = True, progress: bool = True) -> TrainResult:
+    """Train (or continue training) the model described by ``cfg``; checkpoints go to ``cfg.out_dir``.
+
+    Writes ``resume.pt`` every ``checkpoint_every`` steps, on Ctrl-C and at the end, and the EMA weights
+    as ``model.safetensors`` + ``config.json`` at the end. Only process 0 writes.
+    """
+    dist = _setup_distributed(cfg)
+    out_dir = Path(cfg.out_dir)
+    dataset = dataset or load_fashion_mnist("train")
+    schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
+    images, labels = dataset.images.to(dist.device), dataset.labels.to(dist.device)  # uint8: 47 MB for Fashion-MNIST
+
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = UNet(cfg.model).to(dist.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up
+    step, history = 0, []
+    resume_path = out_dir / RESUME
+    if resume and resume_path.exists():
+        state = torch.load(resume_path, map_location=dist.device, weights_only=True)
+        load_state(model, state["model"])
+        load_state(ema.module, state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), [(int(s), float(v)) for s, v in state["history"].tolist()]
+        ema.n_averaged.fill_(max(1, step))
+
+    net = model
+    if dist.world > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        net = torch.compile(net)
+    amp_dtype = autocast_dtype(dist.device) if cfg.amp and dist.device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    conditional = cfg.model.num_classes is not None
+    per_rank = cfg.batch_size // dist.world
+    shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+    total = _total_steps(cfg, len(images))
+    if dist.main:
+        print(f"training {count_parameters(model) / 1e6:.2f}M parameters on {dist.device} x{dist.world}, "
+              f"batch {cfg.batch_size}, from step {step} to {total if total < 10**12 else 'the time limit'}")
+
+    bar = tqdm(total=total if total < 10**12 else None, initial=step, disable=not (progress and dist.main),
+               desc="training", unit="step")
+    start, seen, interrupted = time.perf_counter(), 0, False
+    model.train()
+    try:
+        while step < total and (cfg.minutes is None or time.perf_counter() - start < 60 * cfg.minutes):
+            idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step)[shard].to(dist.device)
+            t, eps, drop = (v[shard] for v in step_noise(cfg, step, (cfg.batch_size, *images.shape[1:])))
+            x0 = to_model(images[idx])
+            y = torch.where(drop.to(dist.device), cfg.model.num_classes, labels[idx]) if conditional else None
+            if cfg.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + dist.rank)  # dropout masks, per step and process
+            with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = diffusion_loss(net, x0, t.to(dist.device), eps.to(dist.device), y, schedule, cfg)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at step {step}; stopped without writing, so {resume_path} still holds "
+                    f"the last good checkpoint. Lower lr (now {cfg.lr}) or set grad_clip (now {cfg.grad_clip}).")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            ema.update_parameters(model)
+            step += 1
+            seen += cfg.batch_size
+            if step % cfg.log_every == 0 or step == total:
+                history.append((step, loss.item()))
+                bar.set_postfix(loss=f"{history[-1][1]:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.update(1)
+            if dist.main and step % cfg.checkpoint_every == 0:
+                save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
+    except KeyboardInterrupt:
+        interrupted = True
+        if dist.main:
+            print(f"interrupted at step {step}: saving {resume_path}; run again to resume")
+    finally:
+        bar.close()
+    if dist.main:
+        save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
+        save_pretrained(ema.module, out_dir, metadata={"train": cfg.to_dict(), "step": step, "weights": "ema"})
+    return TrainResult(model, ema.module, step, history, out_dir, interrupted)

@@ -1,0 +1,125 @@
+"""Training: the objective, exact resume, divergence handling, and DDP against one process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lessons_lib import train as T
+from lessons_lib.checkpoint import load_pretrained
+from lessons_lib.data import ImageDataset, find_fashion_mnist
+from lessons_lib.schedules import get_schedule
+
+
+def _dataset(n=48, size=16):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    return ImageDataset(images, torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)], "synthetic")
+
+
+def _cfg(tmp_path, **kw):
+    return T.preset("tiny", **{"out_dir": str(tmp_path), "checkpoint_every": 100, "log_every": 1, **kw})
+
+
+def test_min_snr_weights_closed_form():
+    s = get_schedule("linear", 1000)
+    t = torch.tensor([0, 300, 999])
+    snr = s.snr[t]
+    g = 5.0
+    torch.testing.assert_close(T.loss_weights(t, s, "eps", "min_snr", g), (torch.clamp(snr, max=g) / snr).float())
+    torch.testing.assert_close(T.loss_weights(t, s, "v", "min_snr", g), (torch.clamp(snr, max=g) / (snr + 1)).float())
+    torch.testing.assert_close(T.loss_weights(t, s, "x0", "min_snr", g), torch.clamp(snr, max=g).float())
+    assert T.loss_weights(t, s, "eps", "min_snr", g)[0] < 1 and T.loss_weights(t, s, "eps", "min_snr", g)[2] == 1
+    z = get_schedule("linear", 1000, zero_terminal_snr=True)
+    assert T.loss_weights(torch.tensor([999]), z, "eps", "min_snr", g).item() == 1.0  # SNR = 0: the limit, not NaN
+    assert torch.equal(T.loss_weights(t, s, "eps", "uniform", g), torch.ones(3))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_oracle_has_zero_loss(prediction, tmp_path):
+    """A model that returns the exact target scores 0: the target matches the parametrisation."""
+    from lessons_lib.noising import convert_prediction
+
+    s = get_schedule("cosine", 100)
+    cfg = _cfg(tmp_path, prediction=prediction, num_steps=100)
+    x0, eps = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 10, 50, 99])
+    oracle = lambda xt, t_, y: convert_prediction(eps, "eps", prediction, xt, t_, s)  # noqa: E731
+    assert T.diffusion_loss(oracle, x0, t, eps, None, s, cfg).item() < 1e-8
+
+
+def test_batches_cover_each_epoch_once():
+    seen = torch.cat([T.batch_indices(20, 4, seed=1, step=s) for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert torch.equal(T.batch_indices(20, 4, 1, 5), T.batch_indices(20, 4, 1, 5))
+    assert not torch.equal(T.batch_indices(20, 4, 1, 0), T.batch_indices(20, 4, 1, 5))  # a new permutation
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        T.batch_indices(3, 4, 0, 0)
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps + resume + M steps == N + M steps in one go (weights, EMA and optimizer state)."""
+    ds = _dataset()
+    straight = T.train(_cfg(tmp_path / "a", max_steps=7), ds, progress=False)
+    T.train(_cfg(tmp_path / "b", max_steps=4), ds, progress=False)
+    resumed = T.train(_cfg(tmp_path / "b", max_steps=7), ds, progress=False)
+    assert resumed.step == straight.step == 7
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [s for s, _ in resumed.history] == list(range(1, 8))
+    model, config = load_pretrained(tmp_path / "b")  # the inference weights are the EMA
+    for a, b in zip(model.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert config["step"] == 7 and config["weights"] == "ema"
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    ds = _dataset()
+    real, calls = T.diffusion_loss, {"n": 0}
+
+    def breaks_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(T, "diffusion_loss", breaks_at_step_5)
+    with pytest.raises(T.TrainingDivergedError, match="loss is nan at step 4; stopped without writing"):
+        T.train(_cfg(tmp_path, max_steps=10, checkpoint_every=2), ds, progress=False)
+    state = torch.load(tmp_path / T.RESUME, weights_only=True)
+    assert state["step"] == 4
+    assert not list(tmp_path.glob("*.tmp"))  # no half-written files
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="unknown prediction 'noise'; allowed: eps, x0, v"):
+        T.TrainConfig(prediction="noise", max_steps=1)
+    with pytest.raises(ValueError, match="say how long to train"):
+        T.TrainConfig()
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        T.preset("huge")
+    with pytest.raises(ValueError, match=r"class_dropout must lie in \[0, 1\)"):
+        T.TrainConfig(max_steps=1, class_dropout=1.0)
+    cfg = _cfg(tmp_path)
+    assert T.TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.skipif(find_fashion_mnist("train") is None, reason="Fashion-MNIST not installed")
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP over 2 CPU processes (gloo) trains the same weights as one process on the same global batch."""
+    args = ["-m", "lessons_lib", "train", "--preset", "tiny", "--max-steps", "3", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          *args, "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a = torch.load(tmp_path / "one" / T.RESUME, weights_only=True)
+    b = torch.load(tmp_path / "two" / T.RESUME, weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
