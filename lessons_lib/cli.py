@@ -55,6 +55,35 @@ def _train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def _sample(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .data import to_uint8
+    from .pipeline import DiffusionPipeline
+    from .viz import show_grid
+
+    pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+    label = int(args.class_name) if args.class_name is not None and args.class_name.isdigit() else args.class_name
+    images, labels = pipe(args.n, label, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                          guidance_scale=args.guidance, progress=not args.no_progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        labels = labels if labels is not None else torch.full((len(images),), -1)  # -1: unconditional
+        np.savez_compressed(out, images=to_uint8(images)[:, 0].cpu().numpy(), labels=labels.cpu().numpy())
+    elif out.suffix in (".png", ".jpg", ".pdf", ".svg"):
+        title = f"{args.n} samples, {args.sampler} {args.steps} steps, seed {args.seed}"
+        show_grid(images.cpu(), nrow=min(8, args.n), title=title).savefig(out, dpi=150)
+    else:
+        print(f"--out must end in .png, .jpg, .pdf, .svg or .npz, got {out.name}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lessons_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("sample", help="generate images from a saved model folder")
+    p.add_argument("--checkpoint", default="data/pretrained/fashion_mnist_ddpm",
+                   help="folder with model.safetensors + config.json")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, whatever --n")
+    p.add_argument("--class", dest="class_name", help="class name (e.g. sneaker) or index; default: unconditional")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--device")
+    p.add_argument("--out", default="samples.png", help=".png grid or .npz (uint8 images (N, 28, 28) and labels)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_sample)
 
     p = sub.add_parser("course", help="run every lesson headless with papermill and print a table")
     p.add_argument("--smoke", action="store_true", help="shrunk parameters (LESSONS_SMOKE=1)")

@@ -181,7 +181,8 @@ def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: t
     traj, x0_traj = ([x.cpu()], []) if return_trajectory else (None, None)
     for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc=sampler.name, disable=not progress, leave=False)):
         if guided:
-            both = model(torch.cat([x, x]), t_batch(t).repeat(2), torch.cat([class_labels, torch.full_like(class_labels, null_label)]))
+            labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
+            both = model(torch.cat([x, x]), t_batch(t).repeat(2), labels)
             cond, uncond = both.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         else:
