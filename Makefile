@@ -12,6 +12,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SMOKE  ?= 0
+# Idle OpenMP threads sleep instead of spinning (torch on a busy 2-core machine is 5-30x slower otherwise).
+export OMP_WAIT_POLICY ?= PASSIVE
 NBVAL  := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 .PHONY: setup data lab course notebooks test doctor lint bench clean

@@ -10,6 +10,7 @@ timestep uses ``alpha_bar = 1`` so it lands on the predicted x0.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -173,6 +174,9 @@ def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: t
     """
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if getattr(model, "training", False):
+        warnings.warn("sampling with a model in training mode (dropout and BatchNorm batch statistics are on); "
+                      "call model.eval() first", stacklevel=2)
     x = x_T
     t_batch = lambda t: torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
     guided = class_labels is not None and guidance_scale != 1.0

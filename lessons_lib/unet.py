@@ -46,6 +46,8 @@ class UNetConfig:
         if len(self.attention_levels) != len(self.channel_mults):
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for "
                              f"{len(self.channel_mults)} levels (channel_mults); give one per level")
+        if self.base_channels < 2 or self.base_channels % 2:
+            raise ValueError(f"base_channels must be even and >= 2 (it is also the time-embedding width), got {self.base_channels}")
         widths = [self.base_channels * m for m in self.channel_mults]
         if any(w % self.num_heads for w in widths) and self.variant == "attention":
             raise ValueError(f"every width {widths} must be divisible by num_heads={self.num_heads}")
@@ -63,6 +65,8 @@ class UNetConfig:
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of the step (Vaswani et al. 2017, sec. 3.5; DDPM appendix B): [cos(t w_i), sin(t w_i)]."""
+    if dim % 2:
+        raise ValueError(f"the embedding width must be even (cos and sin halves), got {dim}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]
@@ -72,7 +76,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 def _norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels: with one channel per group it would be an
     instance norm, and the per-channel time shift added just before it would be normalised away."""
-    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
@@ -123,7 +130,12 @@ class SimpleBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """The blocks of one resolution level (and attention after each block where enabled)."""
+    """The blocks of one resolution level (and attention after each block where enabled).
+
+    A container, not a layer: ``UNet.forward`` walks ``blocks`` and ``attns`` itself, because the down path
+    keeps every block's output for a skip and the up path concatenates one skip before every block. Hook
+    the blocks, not the level, to watch shapes.
+    """
 
     def __init__(self, channels_in: list[int], out_ch: int, emb_dim: int, cfg: UNetConfig, attention: bool):
         super().__init__()

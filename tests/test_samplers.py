@@ -133,3 +133,10 @@ def test_clear_errors():
         get_sampler("ddpm", S, 10, variance="learned")
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
         sample(lambda x, t, y: x, torch.zeros(1, 1, 4, 4), get_sampler("ddim", S, 2), guidance_scale=-1, progress=False)
+
+
+def test_sampling_a_training_mode_model_warns():
+    model = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(False, True), num_heads=2,
+                            num_res_blocks=1)).train()
+    with pytest.warns(UserWarning, match="call model.eval"):
+        sample(model, torch.randn(1, 1, 8, 8), get_sampler("ddim", get_schedule("cosine", 10), 2), progress=False)

@@ -90,3 +90,12 @@ def test_timestep_embedding_formula():
             w = math.exp(-math.log(10_000) * k / 4)
             assert emb[i, k].item() == pytest.approx(math.cos(ti * w), abs=1e-5)
             assert emb[i, 4 + k].item() == pytest.approx(math.sin(ti * w), abs=1e-5)
+
+
+def test_odd_widths_are_clear_errors_and_any_even_width_builds():
+    with pytest.raises(ValueError, match="must be even"):
+        timestep_embedding(torch.tensor([1]), 7)
+    with pytest.raises(ValueError, match="base_channels must be even"):
+        UNetConfig(base_channels=33)
+    model = _model(base_channels=36, num_heads=4)  # 36 = 4 x 9: GroupNorm still gets groups of >= 4 channels
+    assert model(torch.randn(1, 1, 28, 28), 3).shape == (1, 1, 28, 28)
