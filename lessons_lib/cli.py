@@ -84,6 +84,76 @@ def _sample(args) -> int:
     return 0
 
 
+def _classifier(args) -> int:
+    import torch
+
+    from .metrics import count_parameters, train_classifier
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = train_classifier(epochs=args.epochs, seed=args.seed, out_dir=args.out, device=args.device,
+                              progress=not args.no_progress)
+    size = (result.out_dir / "model.safetensors").stat().st_size
+    print(f"test accuracy {result.test_accuracy:.2%}, {count_parameters(result.model):,} parameters "
+          f"({size / 1e6:.2f} MB), {result.wall_time_s / 60:.1f} min; saved to {result.out_dir}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .data import DataNotFoundError, to_model
+    from .metrics import evaluate, load_classifier
+
+    if (args.npz is None) == (args.checkpoint is None):
+        print("give exactly one of --npz FILE and --checkpoint DIR", file=sys.stderr)
+        return 2
+    if args.npz is not None:
+        with np.load(args.npz) as f:
+            if "images" not in f:
+                print(f"{args.npz} holds {sorted(f.files)}; expected uint8 'images' (N, 28, 28)", file=sys.stderr)
+                return 2
+            images = torch.from_numpy(f["images"][: args.n])
+            labels = torch.from_numpy(f["labels"][: args.n]).long() if "labels" in f else None
+        if images.dtype != torch.uint8 or images.ndim != 3:
+            print(f"{args.npz}: 'images' must be uint8 (N, 28, 28), got {images.dtype} {tuple(images.shape)}",
+                  file=sys.stderr)
+            return 2
+        images = to_model(images.unsqueeze(1))
+        source = f"{len(images)} images from {args.npz}"
+    else:
+        from .pipeline import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+        n = args.n or 1000
+        conditional = pipe.model.config.num_classes is not None
+        parts, labels, start = [], [], 0
+        for c in range(10) if conditional else [None]:  # one call per class: n // 10 each (+1 for the first n % 10)
+            n_c = n // 10 + (c < n % 10) if conditional else n
+            if n_c == 0:
+                continue
+            x, y = pipe(n_c, c, steps=args.steps, sampler=args.sampler, seed=args.seed + start,
+                        guidance_scale=args.guidance, progress=not args.no_progress)
+            parts.append(x.cpu())
+            labels.append(y.cpu() if y is not None else torch.full((n_c,), -1))
+            start += n_c
+        images, labels = torch.cat(parts), torch.cat(labels)
+        source = f"{len(images)} samples of {Path(args.checkpoint).name}, {args.sampler} {args.steps} steps, seed {args.seed}"
+    try:
+        classifier = load_classifier(args.classifier) if args.classifier else None
+        result = evaluate(images, reference=args.reference, classifier=classifier, n_reference=args.n_reference,
+                          labels=labels if labels is not None and (labels >= 0).all() else None)
+    except (ValueError, DataNotFoundError) as err:  # CheckpointError is a ValueError
+        print(err, file=sys.stderr)
+        return 1
+    print(source)
+    print(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lessons_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help=".png grid or .npz (uint8 images (N, 28, 28) and labels)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_sample)
+
+    p = sub.add_parser("classifier", help="train the small Fashion-MNIST classifier behind FID / precision / recall")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="data/pretrained/fmnist_classifier", help="folder for model.safetensors + config.json")
+    p.add_argument("--device", default="cpu", help="cpu (default: the shipped weights were trained there), cuda, mps")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy or shared 2-core machine)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_classifier)
+
+    p = sub.add_parser("evaluate", help="FID, precision / recall and class histogram of samples against real images")
+    p.add_argument("--npz", help="uint8 'images' (N, 28, 28) and 'labels', as written by `sample --out x.npz`")
+    p.add_argument("--checkpoint", help="or: a model folder to sample from first")
+    p.add_argument("--n", type=int, help="use the first N images of --npz / draw N samples (default 1000)")
+    p.add_argument("--reference", default="test", choices=["test", "train"], help="the real images to compare with")
+    p.add_argument("--n-reference", type=int, help="a fixed seeded subset of the reference (default: all of it)")
+    p.add_argument("--classifier", help="feature extractor folder (default: the shipped data/pretrained/fmnist_classifier)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("course", help="run every lesson headless with papermill and print a table")
     p.add_argument("--smoke", action="store_true", help="shrunk parameters (LESSONS_SMOKE=1)")

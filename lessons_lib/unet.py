@@ -47,7 +47,8 @@ class UNetConfig:
             raise ValueError(f"attention_levels has {len(self.attention_levels)} entries for "
                              f"{len(self.channel_mults)} levels (channel_mults); give one per level")
         if self.base_channels < 2 or self.base_channels % 2:
-            raise ValueError(f"base_channels must be even and >= 2 (it is also the time-embedding width), got {self.base_channels}")
+            raise ValueError("base_channels must be even and >= 2 (it is also the time-embedding width), "
+                             f"got {self.base_channels}")
         widths = [self.base_channels * m for m in self.channel_mults]
         if any(w % self.num_heads for w in widths) and self.variant == "attention":
             raise ValueError(f"every width {widths} must be divisible by num_heads={self.num_heads}")
