@@ -2,3 +2,4 @@
 import os
 
 os.environ.setdefault("LESSONS_HEADLESS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin

@@ -39,6 +39,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the saved file ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -102,7 +105,9 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found")
     expected = config.get("weights_sha256")
-    if expected and sha256_file(weights) != expected:
+    if not expected:
+        raise CheckpointError(f"{path / CONFIG} has no weights_sha256: cannot verify {weights}")
+    if sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: sha256 does not match {CONFIG} (truncated or replaced file)")
     try:
         state = clean_state_dict(load_file(str(weights)))

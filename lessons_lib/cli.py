@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import PRETRAINED_DIR
+
 
 def _doctor(args) -> int:
     from .doctor import doctor
@@ -61,11 +63,16 @@ def _sample(args) -> int:
     import numpy as np
     import torch
 
+    from .checkpoint import CheckpointError
     from .data import to_uint8
     from .pipeline import DiffusionPipeline
     from .viz import show_grid
 
-    pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+    except CheckpointError as err:
+        print(f"cannot load {args.checkpoint}: {err}", file=sys.stderr)
+        return 1
     label = int(args.class_name) if args.class_name is not None and args.class_name.isdigit() else args.class_name
     images, labels = pipe(args.n, label, steps=args.steps, sampler=args.sampler, seed=args.seed,
                           guidance_scale=args.guidance, progress=not args.no_progress)
@@ -112,6 +119,9 @@ def _evaluate(args) -> int:
         print("give exactly one of --npz FILE and --checkpoint DIR", file=sys.stderr)
         return 2
     if args.npz is not None:
+        if not Path(args.npz).is_file():
+            print(f"--npz {args.npz}: no such file", file=sys.stderr)
+            return 2
         with np.load(args.npz) as f:
             if "images" not in f:
                 print(f"{args.npz} holds {sorted(f.files)}; expected uint8 'images' (N, 28, 28)", file=sys.stderr)
@@ -127,7 +137,11 @@ def _evaluate(args) -> int:
     else:
         from .pipeline import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+        except ValueError as err:  # CheckpointError, unknown device
+            print(err, file=sys.stderr)
+            return 1
         n = args.n or 1000
         conditional = pipe.model.config.num_classes is not None
         parts, labels, start = [], [], 0
@@ -188,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("sample", help="generate images from a saved model folder")
-    p.add_argument("--checkpoint", default="data/pretrained/fashion_mnist_ddpm",
-                   help="folder with model.safetensors + config.json")
+    p.add_argument("--checkpoint", required=True, help="folder with model.safetensors + config.json")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
@@ -202,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_sample)
 
     p = sub.add_parser("classifier", help="train the small Fashion-MNIST classifier behind FID / precision / recall")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="data/pretrained/fmnist_classifier", help="folder for model.safetensors + config.json")
+    p.add_argument("--out", default=str(PRETRAINED_DIR / "fmnist_classifier"), help="folder for model.safetensors + config.json")
     p.add_argument("--device", default="cpu", help="cpu (default: the shipped weights were trained there), cuda, mps")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy or shared 2-core machine)")
     p.add_argument("--no-progress", action="store_true")

@@ -70,3 +70,8 @@ def test_course_table():
     results = [course.LessonResult("00_a", True, 1.23, None), course.LessonResult("01_b", False, 2.0, None, "boom")]
     table = course.format_table(results, smoke=True)
     assert "00_a" in table and "FAILED" in table and "boom" in table and "1/2 ok" in table and "smoke" in table
+
+
+def test_cli_sample_reports_a_missing_model_folder(tmp_path):
+    result = _run("sample", "--checkpoint", str(tmp_path / "none"), "--n", "1")
+    assert result.returncode == 1 and "cannot load" in result.stderr and "config.json not found" in result.stderr
