@@ -93,12 +93,8 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{file} is not valid JSON ({err})") from err
 
 
-def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    """Rebuild the model saved by :func:`save_pretrained`; returns ``(model in eval mode, config)``.
-
-    Checks the weights' sha256 against the config, and reports missing/unexpected keys and shape
-    mismatches by name.
-    """
+def read_verified(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and tensors of a saved folder, after checking the weights' sha256 against the config."""
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS
@@ -107,12 +103,23 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
     expected = config.get("weights_sha256")
     if not expected:
         raise CheckpointError(f"{path / CONFIG} has no weights_sha256: cannot verify {weights}")
-    if sha256_file(weights) != expected:
-        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG} (truncated or replaced file)")
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise CheckpointError(f"{weights}: sha256 {actual[:12]}... does not match {expected[:12]}... in {CONFIG} "
+                              "(truncated or replaced file; restore it with git or retrain)")
     try:
-        state = clean_state_dict(load_file(str(weights)))
+        return config, clean_state_dict(load_file(str(weights)))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err})") from err
+
+
+def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Rebuild the model saved by :func:`save_pretrained`; returns ``(model in eval mode, config)``.
+
+    Checks the weights' sha256 against the config, and reports missing/unexpected keys and shape
+    mismatches by name.
+    """
+    config, state = read_verified(path)
     model = UNet(UNetConfig(**config["model"]))
     load_state(model, state)
     return model.to(device).eval(), config

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_write, clean_state_dict, load_state, read_config, sha256_file
+from .checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_write, clean_state_dict, load_state, read_verified, sha256_file
 from .config import PRETRAINED_DIR
 from .data import FASHION_MNIST_CLASSES, ImageDataset, load_fashion_mnist, to_model
 from .device import get_device, make_generator
@@ -176,21 +175,8 @@ def load_classifier(path: str | Path = CLASSIFIER_DIR, device: str | torch.devic
     if not (path / CONFIG).is_file() and not (path / WEIGHTS).is_file():
         raise CheckpointError(f"no classifier in {path}: train one with "
                               f"`python -m lessons_lib classifier --out {path}`")
-    config = read_config(path)
+    config, state = read_verified(path)
     weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} not found")
-    expected = config.get("weights_sha256")
-    if not expected:
-        raise CheckpointError(f"{path / CONFIG} has no weights_sha256: not a folder written by save_classifier")
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise CheckpointError(f"{weights}: sha256 {actual[:12]}... does not match {expected[:12]}... in {CONFIG} "
-                              "(truncated or replaced file; restore it with git or retrain)")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({err})") from err
     try:
         model = FashionClassifier(**config["model"])
     except (KeyError, TypeError) as err:
