@@ -57,24 +57,32 @@ def _guarded(callback, error_out):
     return run
 
 
-def _live(fig: Figure, controls: Sequence, on_change) -> object:
-    """Lay out ``controls`` above ``fig`` and redraw the figure in place whenever one changes."""
+def _merge(state: dict, changes: dict) -> None:
+    """Update an explorer's settings, refusing names it does not have."""
+    unknown = set(changes) - set(state)
+    if unknown:
+        raise TypeError(f"unknown setting(s) {sorted(unknown)}; allowed: {sorted(state)}")
+    state.update(changes)
+
+
+def _live(fig: Figure, controls: dict, update) -> object:
+    """Lay out ``controls`` (setting name -> widget) above ``fig``; on any change call ``update(**values)`` and redraw."""
     import ipywidgets as W
     from IPython.display import display
 
     plot_out, error_out = W.Output(), W.Output()
 
     def redraw(_change=None):
-        on_change()
+        update(**{name: control.value for name, control in controls.items()})
         with plot_out:
             plot_out.clear_output(wait=True)
             display(fig)
 
     guarded = _guarded(redraw, error_out)
-    for control in controls:
+    for control in controls.values():
         control.observe(guarded, names="value")
     guarded()
-    return W.VBox([W.HBox(list(controls)), plot_out, error_out])
+    return W.VBox([W.HBox(list(controls.values())), plot_out, error_out])
 
 
 class NoisingExplorer:
@@ -107,10 +115,7 @@ class NoisingExplorer:
 
     def update(self, **changes) -> None:
         """Change any of ``index``, ``t``, ``schedule``, ``seed`` and redraw the artists' data."""
-        unknown = set(changes) - set(self.state)
-        if unknown:
-            raise TypeError(f"unknown setting(s) {sorted(unknown)}; allowed: {sorted(self.state)}")
-        self.state.update(changes)
+        _merge(self.state, changes)
         t, schedule = self.state["t"], _schedule(self.state["schedule"], self.num_steps)
         if not 0 <= t < self.num_steps:
             raise ValueError(f"t must lie in [0, {self.num_steps - 1}], got {t}")
@@ -135,8 +140,7 @@ class NoisingExplorer:
             "schedule": W.Dropdown(options=list(SCHEDULES), value=s["schedule"], description="schedule"),
             "seed": W.IntText(value=s["seed"], description="seed", layout=W.Layout(width="150px")),
         }
-        return _live(self.fig, list(controls.values()),
-                     lambda: self.update(**{k: c.value for k, c in controls.items()}))
+        return _live(self.fig, controls, self.update)
 
 
 def noising_explorer(dataset: ImageDataset, **settings):
@@ -161,10 +165,7 @@ class ScheduleExplorer:
         self.update()
 
     def update(self, **changes) -> None:
-        unknown = set(changes) - set(self.state)
-        if unknown:
-            raise TypeError(f"unknown setting(s) {sorted(unknown)}; allowed: {sorted(self.state)}")
-        self.state.update(changes)
+        _merge(self.state, changes)
         lo, hi = np.inf, -np.inf
         for name, (line_ab, line_snr) in self.lines.items():
             c = schedule_curves(name, self.state["num_steps"], self.state["zero_terminal_snr"])
@@ -183,7 +184,7 @@ class ScheduleExplorer:
             "num_steps": W.IntSlider(value=self.state["num_steps"], min=2, max=2000, step=1, description="T"),
             "zero_terminal_snr": W.Checkbox(value=self.state["zero_terminal_snr"], description="zero terminal SNR"),
         }
-        return _live(self.fig, list(controls.values()), lambda: self.update(**{k: c.value for k, c in controls.items()}))
+        return _live(self.fig, controls, self.update)
 
 
 def schedule_explorer(**settings):
