@@ -43,7 +43,7 @@ def _train(args) -> int:
         "out_dir": args.out_dir, "max_steps": args.max_steps, "epochs": args.epochs, "minutes": args.minutes,
         "batch_size": args.batch_size, "lr": args.lr, "prediction": args.prediction, "loss": args.loss,
         "weighting": args.weighting, "schedule": args.schedule, "device": args.device, "seed": args.seed,
-        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay,
     }.items() if v is not None}
     if args.compile:
         overrides["compile"] = True
@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="wall-clock budget of this run")
     p.add_argument("--batch-size", type=int, help="global batch, split across processes")
     p.add_argument("--lr", type=float)
+    p.add_argument("--ema-decay", type=float, help="EMA decay; ~1 - 1/(steps averaged), e.g. 0.999 for runs of 5k+ steps")
     p.add_argument("--prediction", choices=["eps", "v", "x0"])
     p.add_argument("--loss", choices=["l2", "l1", "huber"])
     p.add_argument("--weighting", choices=["uniform", "min_snr"])

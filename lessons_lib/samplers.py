@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .device import randn
+from .guidance import guided_output
 from .noising import PREDICTION_TYPES, convert_prediction
 from .schedules import NoiseSchedule
 
@@ -164,13 +165,15 @@ class SampleResult:
 
 @torch.no_grad()
 def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: torch.Tensor | None = None,
-           guidance_scale: float = 1.0, null_label: int | None = None, generator=None, progress: bool = True,
-           return_trajectory: bool = False) -> SampleResult:
+           guidance_scale: float = 1.0, null_label: int | torch.Tensor | None = None, generator=None,
+           progress: bool = True, return_trajectory: bool = False,
+           on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
     """Run ``sampler`` from the noise ``x_T`` with ``model(x, t, class_labels)``.
 
-    Classifier-free guidance (Ho & Salimans 2022, eq. 6): with ``guidance_scale`` w != 1, the output is
-    uncond + w (cond - uncond), the unconditional branch using ``null_label`` (default: the model's null class).
+    Classifier-free guidance (:func:`lessons_lib.guidance.guided_output`) with ``guidance_scale`` w != 1;
+    ``null_label`` (default: the model's null class) may be a negative class, one int or one per sample.
     ``generator``: one CPU generator, or one per sample (seeded images stay the same whatever the batch).
+    ``on_step(i, x)``: called with x after step i, returns the x to go on from (inpainting uses it).
     """
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
@@ -179,20 +182,11 @@ def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: t
                       "call model.eval() first", stacklevel=2)
     x = x_T
     t_batch = lambda t: torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-    guided = class_labels is not None and guidance_scale != 1.0
-    if guided and null_label is None:
-        null_label = model.config.num_classes  # the learned null class of lessons_lib.unet.UNet
     traj, x0_traj = ([x.cpu()], []) if return_trajectory else (None, None)
     for i, t in enumerate(tqdm(sampler.timesteps.tolist(), desc=sampler.name, disable=not progress, leave=False)):
-        if guided:
-            labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
-            both = model(torch.cat([x, x]), t_batch(t).repeat(2), labels)
-            cond, uncond = both.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = model(x, t_batch(t), class_labels)
+        out = guided_output(model, x, t_batch(t), class_labels, guidance_scale, null_label)
         step = sampler.step(out, i, x, generator=generator)
-        x = step.prev
+        x = step.prev if on_step is None else on_step(i, step.prev)
         if return_trajectory:
             traj.append(x.cpu())
             x0_traj.append(step.x0.cpu())

@@ -9,7 +9,7 @@ from lessons_lib.config import REPO_ROOT
 
 def _pyproject_requirements() -> dict[str, str]:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [*project["dependencies"], *project["optional-dependencies"]["lab"], *project["optional-dependencies"]["dev"]]
+    reqs = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
     parsed = [Requirement(r) for r in reqs]
     return {r.name.lower().replace("-", "_"): str(r.specifier) for r in parsed if r.name != "lessons_lib"}
 
