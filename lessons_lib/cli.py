@@ -36,6 +36,72 @@ def _course(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _export_source(args):
+    """The pipeline to export or bench: ``--checkpoint`` folder, or ``--random-preset`` weights; None after an error."""
+    from .pipeline import DiffusionPipeline
+
+    if getattr(args, "random_preset", None):
+        from .schedules import get_schedule
+        from .train import preset
+        from .unet import UNet
+
+        cfg = preset(args.random_preset)
+        return DiffusionPipeline(UNet(cfg.model).eval(), get_schedule(cfg.schedule, cfg.num_steps), cfg.prediction)
+    if args.checkpoint is None:
+        print("give --checkpoint DIR (a model folder)" + (" or --random-preset NAME" if hasattr(args, "random_preset") else ""),
+              file=sys.stderr)
+        return None
+    try:
+        return DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device or "cpu")
+    except ValueError as err:  # CheckpointError, unknown device
+        print(f"cannot load {args.checkpoint}: {err}", file=sys.stderr)
+        return None
+
+
+def _export(args) -> int:
+    from .export import export_all
+
+    pipe = _export_source(args)
+    if pipe is None:
+        return 1
+    result = export_all(pipe, args.out_dir, args.formats, args.precisions, pipe.device)
+    for (fmt, precision), path in result.artifacts.items():
+        print(f"{fmt:>12} {precision:>4}  {path}")
+    for (fmt, precision), why in result.skipped.items():
+        print(f"{fmt:>12} {precision:>4}  skipped: {why}", file=sys.stderr)
+    if result.artifacts:
+        first = next(iter(result.artifacts.values()))
+        print(f"sample without lessons_lib: python {first.parent / 'standalone_sampler.py'} {first} --steps 20 --out samples.npy")
+    return 0 if result.artifacts else 1
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import bench, table, to_json
+    from .device import get_device
+
+    pipe = _export_source(args)
+    if pipe is None:
+        return 1
+    try:
+        device = get_device(args.device)
+        rows = bench(pipe, args.formats, args.precisions, args.batch_sizes, args.repeats, args.steps, device, args.threads,
+                     memory=not args.no_memory, work_dir=args.out_dir, log=lambda line: print(line, file=sys.stderr))
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.json:
+        print(to_json(rows))
+        return 0
+    source = f"{args.random_preset} preset, random weights" if args.random_preset else args.checkpoint
+    print(f"U-Net: {source}, {sum(p.numel() for p in pipe.model.parameters()):,} parameters; {device.type}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} interleaved calls; "
+          f"img/s from one DDIM {args.steps}-step sample\n")
+    print(table(rows))
+    return 0
+
+
 def _train(args) -> int:
     from .train import preset, train
 
@@ -43,7 +109,7 @@ def _train(args) -> int:
         "out_dir": args.out_dir, "max_steps": args.max_steps, "epochs": args.epochs, "minutes": args.minutes,
         "batch_size": args.batch_size, "lr": args.lr, "prediction": args.prediction, "loss": args.loss,
         "weighting": args.weighting, "schedule": args.schedule, "device": args.device, "seed": args.seed,
-        "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay,
+        "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay, "sample_every": args.sample_every,
     }.items() if v is not None}
     if args.compile:
         overrides["compile"] = True
@@ -57,6 +123,10 @@ def _train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def _class_arg(value: str | None) -> str | int | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def _sample(args) -> int:
     from pathlib import Path
 
@@ -65,29 +135,51 @@ def _sample(args) -> int:
 
     from .checkpoint import CheckpointError
     from .data import to_uint8
-    from .pipeline import DiffusionPipeline
+    from .pipeline import DiffusionPipeline, GenerationConfig, load_image, save_image
     from .viz import show_grid
 
+    out = Path(args.out)
+    if out.suffix not in ("", ".npz", ".png", ".jpg", ".pdf", ".svg"):
+        print(f"--out must end in .png, .jpg, .pdf, .svg or .npz, or be a folder (no suffix), got {out.name}", file=sys.stderr)
+        return 2
+    if args.interpolate is None and (args.to_seed is not None or args.to_class is not None):
+        print("--to-seed / --to-class go with --interpolate FRAMES", file=sys.stderr)
+        return 2
     try:
         pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
     except CheckpointError as err:
         print(f"cannot load {args.checkpoint}: {err}", file=sys.stderr)
         return 1
-    label = int(args.class_name) if args.class_name is not None and args.class_name.isdigit() else args.class_name
-    images, labels = pipe(args.n, label, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                          guidance_scale=args.guidance, progress=not args.no_progress)
-    out = Path(args.out)
+    try:
+        init = load_image(args.init_image, pipe.image_shape) if args.init_image else None
+        mask = load_image(args.mask, pipe.image_shape, mask=True) if args.mask else None
+        config = GenerationConfig(
+            prompt=_class_arg(args.class_name), negative=_class_arg(args.negative), num_images=args.n, seed=args.seed,
+            preset=args.preset, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+            init_image=init, strength=args.strength, mask=mask, jump_length=args.jump_length, resample=args.resample)
+        if args.interpolate is not None:
+            result = pipe.interpolate(config, args.interpolate, to_seed=args.to_seed, to_class=_class_arg(args.to_class),
+                                      progress=not args.no_progress)
+        else:
+            result = pipe.generate(config, progress=not args.no_progress)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    images, c = result.images, result.config
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
-        labels = labels if labels is not None else torch.full((len(images),), -1)  # -1: unconditional
-        np.savez_compressed(out, images=to_uint8(images)[:, 0].cpu().numpy(), labels=labels.cpu().numpy())
-    elif out.suffix in (".png", ".jpg", ".pdf", ".svg"):
-        title = f"{args.n} samples, {args.sampler} {args.steps} steps, seed {args.seed}"
-        show_grid(images.cpu(), nrow=min(8, args.n), title=title).savefig(out, dpi=150)
+        labels = result.labels if result.labels is not None else torch.full((len(images),), -1)  # -1: no class
+        np.savez_compressed(out, images=to_uint8(images)[:, 0].numpy(), labels=labels.numpy(),
+                            seeds=np.array(result.seeds))
+    elif out.suffix == "":
+        out.mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, out / f"{i:04d}.png")
     else:
-        print(f"--out must end in .png, .jpg, .pdf, .svg or .npz, got {out.name}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(images)} images to {out}")
+        title = f"{len(images)} images, {c.sampler} {result.steps} steps, seed {c.seed}"
+        show_grid(images, nrow=min(8, len(images)), title=title).savefig(out, dpi=150)
+    print(f"wrote {len(images)} images to {out} ({c.sampler}, {result.steps} steps, {result.nfe} network calls, "
+          f"{result.seconds:.1f} s)")
     return 0
 
 
@@ -168,6 +260,34 @@ def _evaluate(args) -> int:
     return 0
 
 
+class LazyChoices:
+    """The keys of ``lessons_lib.<module>.<name>`` as argparse choices, imported on first use: building the
+    parser must not import torch (seconds), or every command, even ``--help`` and typos, would wait for it."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def _names(self) -> list[str]:
+        from importlib import import_module
+
+        return list(getattr(import_module(f"lessons_lib.{self.module}"), self.name))
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+SAMPLE_EXAMPLES = """examples:
+  sample --checkpoint M --class sneaker --guidance 3 --negative sandal --out sneakers.png
+  sample --checkpoint M --init-image shoe.png --strength 0.6 --out variations/
+  sample --checkpoint M --init-image shoe.png --mask hole.png --resample 5 --sampler ddpm --out filled.png
+  sample --checkpoint M --class bag --interpolate 8 --seed 1 --to-seed 2 --out morph.png
+  sample --checkpoint M --class sneaker --interpolate 8 --to-class ankle-boot --out morph.png
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lessons_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,22 +316,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--sample-every", type=int, help="a grid of EMA samples to out-dir/samples/ every N steps and at the end")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("sample", help="generate images from a saved model folder")
+    p = sub.add_parser("sample", help="generate, edit or interpolate images with a saved model folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SAMPLE_EXAMPLES)
     p.add_argument("--checkpoint", required=True, help="folder with model.safetensors + config.json")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--n", type=int, default=64, help="number of images (ignored with --interpolate)")
+    p.add_argument("--preset", default="balanced", metavar="PRESET", choices=LazyChoices("pipeline", "PRESETS"),
+                   help="%(choices)s: fills --sampler and --steps when not given (lessons_lib.pipeline.PRESETS)")
+    p.add_argument("--sampler", metavar="NAME", choices=LazyChoices("samplers", "SAMPLERS"),
+                   help="%(choices)s (default: from --preset)")
+    p.add_argument("--steps", type=int, help="sampler steps, 1 to the model's T (default: from --preset)")
+    p.add_argument("--eta", type=float, help="DDIM noise, 0 (deterministic) to 1 (ddim only)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, whatever --n")
     p.add_argument("--class", dest="class_name", help="class name (e.g. sneaker) or index; default: unconditional")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--negative", help="class to steer away from (needs --guidance > 1)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--init-image", help="image-to-image / inpainting input (PNG etc., converted to the model's size)")
+    p.add_argument("--strength", type=float, help="0 keeps --init-image, 1 ignores it (default 0.8; 1 with --mask)")
+    p.add_argument("--mask", help="inpainting mask image: white = repaint, black = keep (needs --init-image)")
+    p.add_argument("--jump-length", type=int, default=10, help="RePaint: steps to jump back when resampling")
+    p.add_argument("--resample", type=int, default=1, help="RePaint: times each jump is made (1 = no resampling)")
+    p.add_argument("--interpolate", type=int, metavar="FRAMES",
+                   help="FRAMES images morphing from --seed to --to-seed, or from --class to --to-class")
+    p.add_argument("--to-seed", type=int, help="--interpolate: the seed of the last frame")
+    p.add_argument("--to-class", help="--interpolate: the class of the last frame (same noise, blended class)")
     p.add_argument("--device")
-    p.add_argument("--out", default="samples.png", help=".png grid or .npz (uint8 images (N, 28, 28) and labels)")
+    p.add_argument("--out", default="samples.png",
+                   help=".png/.jpg/.pdf/.svg grid, .npz (uint8 images (N, 28, 28), labels, seeds) or a folder "
+                        "(no suffix) of one PNG per image")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_sample)
 
@@ -244,6 +382,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inplace", action="store_true", help="write outputs into notebooks/ (to commit them)")
     p.add_argument("--only", nargs="*", default=None, help="lesson name prefixes, e.g. 00 01")
     p.set_defaults(run=_course)
+
+    from .bench import EAGER
+    from .config import BUILD_DIR, PRETRAINED_MODEL
+    from .export import FORMATS, PRECISIONS
+
+    shipped = str(PRETRAINED_MODEL) if PRETRAINED_MODEL.is_dir() else None
+    p = sub.add_parser("export", help="export a model folder to torch.export, AOTInductor, ONNX (+int8), TorchScript (legacy)")
+    p.add_argument("--checkpoint", default=shipped, required=shipped is None,
+                   help=f"model folder (default: {PRETRAINED_MODEL} when it exists)")
+    p.add_argument("--out-dir", default=str(BUILD_DIR / "export"), help="artifacts, .json sidecars, standalone_sampler.py")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=["torch_export", "onnx"],
+                   help="aoti compiles C++ (minutes on a CPU); torchscript is deprecated in PyTorch (legacy)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32"],
+                   help="fp16 needs CUDA; bf16: torch formats; int8: onnx on cpu (unsupported pairs are skipped)")
+    p.add_argument("--device", help="where the artifacts run: cpu (default) or cuda")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("bench", help="ms per call, img/s, memory and error of exported networks vs eager, in one run")
+    p.add_argument("--checkpoint", default=shipped, help=f"model folder (default: {PRETRAINED_MODEL} when it exists)")
+    p.add_argument("--random-preset", choices=["cpu", "gpu", "tiny"],
+                   help="random weights of a training preset's U-Net instead (speed does not depend on weights)")
+    p.add_argument("--formats", nargs="+", choices=[EAGER, *FORMATS], default=[EAGER, *FORMATS])
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="default: fp32 int8 on cpu, fp32 fp16 bf16 on cuda")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per row (interleaved across rows)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the img/s sample")
+    p.add_argument("--threads", type=int, help="torch and onnxruntime intra-op threads")
+    p.add_argument("--device")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (CPU: one process per network)")
+    p.add_argument("--out-dir", help="keep the artifacts here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(run=_bench)
     return parser
 
 

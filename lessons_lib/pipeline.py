@@ -1,24 +1,37 @@
 """Generation for users: a saved model folder in, images out.
 
 ``DiffusionPipeline.from_pretrained(path)`` rebuilds the network, its noise schedule and prediction
-type from ``config.json``; calling it samples images with any sampler. Image ``i`` of a call with
-``seed=s`` is drawn from its own generator seeded ``s + i`` (for x_T and every later noise draw), so it
-is the same image whatever the batch size.
+type from ``config.json``. ``generate(GenerationConfig(...))`` draws images with any sampler, classifier-free
+guidance toward a class and away from a negative class, image-to-image and inpainting
+(:mod:`lessons_lib.editing`); ``interpolate`` morphs between two seeds or two classes.
+
+Image ``i`` of a config with ``seed=s`` is drawn from its own generator seeded ``s + i`` (for x_T and
+every later noise draw), so it is the same image whatever the batch size, and whatever other configs
+``generate_batch`` samples beside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_pretrained, save_pretrained
-from .data import FASHION_MNIST_CLASSES
+from .data import FASHION_MNIST_CLASSES, to_model, to_uint8
 from .device import get_device, randn, sample_generators
-from .samplers import get_sampler, sample
+from .editing import Inpainter, embedding_model, img2img_steps, noise_to, slerp
+from .samplers import SAMPLERS, SPACINGS, get_sampler, make_timesteps, sample
 from .schedules import NoiseSchedule, get_schedule
 from .unet import UNet
+
+PRESETS = {  # quality presets: the sampler and number of steps a config leaves unset (steps capped at T)
+    "fast": ("dpmpp_2m", 10),
+    "balanced": ("dpmpp_2m", 25),
+    "high": ("ddpm", 1000),
+}
+IMG2IMG_STRENGTH = 0.8  # image-to-image without a mask, when no strength is given (diffusers' default)
 
 
 def class_index(name_or_index: str | int, classes=FASHION_MNIST_CLASSES) -> int:
@@ -32,6 +45,77 @@ def class_index(name_or_index: str | int, classes=FASHION_MNIST_CLASSES) -> int:
     if len(matches) != 1:
         raise ValueError(f"unknown class {name_or_index!r}; allowed: {', '.join(classes)}")
     return matches[0]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate. ``sampler`` and ``steps`` left None come from ``preset``.
+
+    - ``prompt``: the class to draw, by name ("sneaker") or index; None = unconditional.
+    - ``negative``: a class to steer away from; it takes the null class's place in the unconditional
+      branch of classifier-free guidance, so it acts only with ``guidance_scale`` != 1.
+    - ``guidance_scale``: w in uncond + w (cond - uncond) (Ho & Salimans 2022, eq. 6); 1 = no guidance.
+    - ``eta``: DDIM's noise (0 = deterministic, 1 = DDPM's variance); ``ddim`` only.
+    - ``init_image``: (C, H, W) or (num_images, C, H, W) in [-1, 1], the input of image-to-image / inpainting.
+    - ``strength``: the fraction of the steps run from the noised ``init_image`` (0 = return it unchanged,
+      1 = ignore it); default 0.8 for image-to-image, 1 for inpainting.
+    - ``mask``: 1 where to repaint, 0 where to keep ``init_image``; shape (H, W), (1, H, W) or broadcastable.
+    - ``jump_length``, ``resample``: RePaint's resampling for coherent fills (``resample=1``: none).
+    - ``sampler_options``: further keyword arguments of the sampler (e.g. ``noise_scale``, ``clip_x0``).
+    """
+
+    prompt: str | int | None = None
+    negative: str | int | None = None
+    num_images: int = 1
+    seed: int = 0
+    preset: str = "balanced"
+    sampler: str | None = None
+    steps: int | None = None
+    guidance_scale: float = 1.0
+    eta: float | None = None
+    spacing: str = "trailing"
+    device: str | None = None
+    init_image: torch.Tensor | None = None
+    strength: float | None = None
+    mask: torch.Tensor | None = None
+    jump_length: int = 10
+    resample: int = 1
+    sampler_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("num_images", "steps", "jump_length", "resample"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for name, value, allowed in (("preset", self.preset, PRESETS), ("spacing", self.spacing, SPACINGS),
+                                     ("sampler", self.sampler, SAMPLERS)):
+            if value not in allowed and not (name == "sampler" and value is None):
+                raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        if not isinstance(self.guidance_scale, (int, float)) or not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {self.guidance_scale!r}")
+        if self.eta is not None and not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+        if self.strength is not None:
+            img2img_steps(1, self.strength)  # checks 0 <= strength <= 1
+        if self.init_image is None and (self.mask is not None or self.strength is not None):
+            raise ValueError("mask and strength edit an image: give init_image too")
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # (num_images, C, H, W) in [-1, 1], on the CPU
+    labels: torch.Tensor | None  # the class of each image; None when no prompt was given
+    config: GenerationConfig  # as run: the preset's sampler and steps filled in
+    seeds: list[int]  # the seed of each image (interpolate: of the per-step noise)
+    steps: int  # sampler steps run (fewer than config.steps for image-to-image)
+    nfe: int  # network calls (a guided call evaluates both branches in one batch); shared by configs batched together
+    seconds: float  # wall time of the run that made these images; shared by configs batched together
 
 
 @dataclass
@@ -58,20 +142,215 @@ class DiffusionPipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = (self.metadata or {}).get("image_size", 28)
+        return self.model.config.in_channels, size, size
+
+    def to(self, device: str | torch.device) -> DiffusionPipeline:
+        self.model.to(get_device(device))
+        return self
+
+    # -----------------------------------------------------------------------------------------------
+    # checking a config against this model
+    # -----------------------------------------------------------------------------------------------
+    def resolve(self, config: GenerationConfig) -> GenerationConfig:
+        """``config`` checked against this model, with the preset's sampler and steps and the default strength filled in."""
+        T = self.schedule.num_steps
+        sampler, steps = PRESETS[config.preset]
+        config = replace(config, sampler=config.sampler if config.sampler is not None else sampler,
+                         steps=config.steps if config.steps is not None else min(steps, T))
+        if config.steps > T:
+            raise ValueError(f"steps must lie in [1, {T}] (the model's training steps), got {config.steps}")
+        conditional = self.model.config.num_classes is not None
+        for name in ("prompt", "negative"):
+            if getattr(config, name) is not None:
+                if not conditional:
+                    raise ValueError(f"this model is unconditional: {name} must be None")
+                class_index(getattr(config, name), self.classes)
+        if config.guidance_scale != 1 and config.prompt is None and config.negative is None:
+            raise ValueError("guidance_scale != 1 needs a prompt or a negative class (there is nothing to guide toward)")
+        if config.negative is not None and config.guidance_scale == 1:
+            raise ValueError("a negative class acts through guidance: set guidance_scale > 1")
+        if config.eta is not None and config.sampler != "ddim":
+            raise ValueError(f"eta is DDIM's noise: use sampler='ddim' or leave eta unset (sampler {config.sampler!r})")
+        if config.init_image is None:
+            return config
+        self._check_init_image(config)
+        strength = config.strength if config.strength is not None else 1.0 if config.mask is not None else IMG2IMG_STRENGTH
+        return replace(config, strength=strength)
+
+    def _check_init_image(self, config: GenerationConfig) -> None:
+        image, shape = config.init_image, self.image_shape
+        if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or tuple(image.shape[-3:]) != shape:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"init_image must have shape {shape} or (B, *{shape}) in [-1, 1], got {got}")
+        if image.ndim == 4 and len(image) not in (1, config.num_images):
+            raise ValueError(f"init_image holds {len(image)} images for num_images={config.num_images}; "
+                             f"give 1 or {config.num_images}")
+        if not torch.isfinite(image).all() or image.min() < -1 or image.max() > 1:
+            raise ValueError("init_image values must lie in [-1, 1] (use lessons_lib.data.to_model on uint8 pixels)")
+
+    # -----------------------------------------------------------------------------------------------
+    # generating
+    # -----------------------------------------------------------------------------------------------
+    def generate(self, config: GenerationConfig | None = None, progress: bool = True, **fields) -> GenerationResult:
+        """Images for one config (or for ``GenerationConfig(**fields)``), with the time taken and the steps run."""
+        if config is not None and fields:
+            raise TypeError(f"give a GenerationConfig or its fields, not both (got config and {', '.join(fields)})")
+        return self.generate_batch([config if config is not None else GenerationConfig(**fields)], progress)[0]
+
+    def generate_batch(self, configs: list[GenerationConfig], progress: bool = True) -> list[GenerationResult]:
+        """One result per config. Configs that differ only in prompt, negative class, seed and number of
+        images are sampled together as one batch; each image is still the one its seed gives alone."""
+        configs = [self.resolve(c) for c in configs]
+        groups: dict[tuple, list[int]] = {}
+        for k, c in enumerate(configs):
+            key = ("edit", k) if c.init_image is not None else (
+                c.sampler, c.steps, c.spacing, c.guidance_scale, c.eta, c.device, repr(sorted(c.sampler_options.items())))
+            groups.setdefault(key, []).append(k)
+        results: list[GenerationResult | None] = [None] * len(configs)
+        for members in groups.values():
+            for k, result in zip(members, self._generate_group([configs[k] for k in members], progress), strict=True):
+                results[k] = result
+        return results
+
+    def _generate_group(self, configs: list[GenerationConfig], progress: bool) -> list[GenerationResult]:
+        first = configs[0]
+        if first.device is not None:
+            self.to(first.device)
+        generators = [g for c in configs for g in sample_generators(c.seed, c.num_images)]
+        labels, null_labels = self._labels(configs)
+        eps = randn((len(generators), *self.image_shape), generator=generators, device=self.device)
+        x0 = None
+        if first.init_image is not None:
+            x0 = first.init_image.to(self.device).expand(first.num_images, *self.image_shape)
+        images, steps, nfe, seconds = self._sample(first, eps, generators, labels, null_labels, x0=x0, progress=progress)
+        results, start = [], 0
+        for c in configs:
+            part = slice(start, start + c.num_images)
+            start += c.num_images
+            results.append(GenerationResult(images[part], labels[part].cpu() if c.prompt is not None else None, c,
+                                            list(range(c.seed, c.seed + c.num_images)), steps, nfe, seconds))
+        return results
+
+    def _labels(self, configs: list[GenerationConfig]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-image class labels and labels of the unconditional branch: the null class, or the negative class."""
+        null = self.model.config.num_classes
+        if null is None:
+            return None, None
+        index = lambda name: null if name is None else class_index(name, self.classes)  # noqa: E731
+        labels = [index(c.prompt) for c in configs for _ in range(c.num_images)]
+        negatives = [index(c.negative) for c in configs for _ in range(c.num_images)]
+        return torch.tensor(labels, device=self.device), torch.tensor(negatives, device=self.device)
+
+    def _sample(self, c: GenerationConfig, eps: torch.Tensor, generators, labels, null_labels, x0=None, model=None,
+                progress: bool = True) -> tuple[torch.Tensor, int, int, float]:
+        """Run ``c``'s sampler from the noise ``eps``, or from ``x0`` noised for image-to-image / inpainting.
+
+        Returns the images (on the CPU), the steps run, the number of network calls and the seconds taken.
+        """
+        start = time.perf_counter()
+        timesteps = make_timesteps(self.schedule.num_steps, c.steps, c.spacing)
+        run = img2img_steps(len(timesteps), c.strength) if x0 is not None else len(timesteps)
+        if run == 0:
+            return x0.cpu().clone(), 0, 0, time.perf_counter() - start
+        options = {**c.sampler_options, **({"eta": c.eta} if c.eta is not None else {})}
+        if run < len(timesteps):
+            options["timesteps"] = timesteps[-run:]  # SDEdit: the last `run` steps, from x0 noised to their start
+        sampler = get_sampler(c.sampler, self.schedule, c.steps, c.spacing, prediction=self.prediction, **options)
+        x_T = eps if run == len(timesteps) else noise_to(x0, sampler.alpha_bars(0)[0], eps)
+        on_step = None
+        if c.mask is not None:
+            on_step = Inpainter(model or self.model, sampler, x0, c.mask, generators, labels, c.guidance_scale,
+                                null_labels, c.jump_length, c.resample)
+        calls = []
+        hook = self.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            out = sample(model or self.model, x_T, sampler, labels, c.guidance_scale, null_labels, generators, progress,
+                         on_step=on_step)
+        finally:
+            hook.remove()
+        return out.images.cpu(), run, len(calls), time.perf_counter() - start
+
+    def interpolate(self, config: GenerationConfig, frames: int, to_seed: int | None = None,
+                    to_class: str | int | None = None, progress: bool = True) -> GenerationResult:
+        """``frames`` images morphing from ``config`` to ``to_seed`` (slerp between the two x_T) or to
+        ``to_class`` (slerp between the two class embeddings, same x_T).
+
+        Every frame takes its per-step noise from ``config.seed``, so ancestral samplers morph smoothly
+        too; the first frame is ``generate(config)``'s first image, and with a deterministic sampler the
+        last is the image of ``to_seed`` / ``to_class``.
+        """
+        if not _is_int(frames) or frames < 2:
+            raise ValueError(f"frames must be an int >= 2, got {frames!r}")
+        if (to_seed is None) == (to_class is None):
+            raise ValueError("give exactly one of to_seed (morph between two noises) and to_class (between two classes)")
+        if to_seed is not None and not _is_int(to_seed):
+            raise ValueError(f"to_seed must be an int, got {to_seed!r}")
+        if config.init_image is not None:
+            raise ValueError("interpolation starts from noise: init_image, strength and mask are not supported")
+        if to_class is not None and self.model.config.num_classes is None:
+            raise ValueError("this model is unconditional: to_class needs a class-conditional model")
+        if to_class is not None and config.prompt is None:
+            raise ValueError("to_class morphs from config.prompt: give a prompt too")
+        c = self.resolve(replace(config, num_images=frames))
+        weights = torch.linspace(0, 1, frames, dtype=torch.float64)
+        generators = sample_generators([c.seed] * frames, frames)
+        x_a = randn((frames, *self.image_shape), generator=generators, device=self.device)  # the same noise in every row
+        labels, null_labels = self._labels([c])
+        model = None
+        if to_seed is not None:
+            x_b = randn((1, *self.image_shape), seed=to_seed, device=self.device)[0]
+            x_T = slerp(x_a[0], x_b, weights)
+        else:
+            table = self.model.class_emb.weight.detach()
+            blends = slerp(table[labels[0]], table[class_index(to_class, self.classes)], weights)
+            model = embedding_model(self.model, torch.cat([blends, table[null_labels[:1]]]))  # last row: unconditional branch
+            x_T, labels, null_labels = x_a, torch.arange(frames, device=self.device), frames
+        images, steps, nfe, seconds = self._sample(c, x_T, generators, labels, null_labels, model=model, progress=progress)
+        labels = labels.cpu() if to_seed is not None and c.prompt is not None else None  # a blend of classes has no label
+        return GenerationResult(images, labels, c, [c.seed] * frames, steps, nfe, seconds)
+
     def __call__(self, n: int = 16, class_label: str | int | None = None, steps: int = 50, sampler: str = "ddim",
                  seed: int = 0, guidance_scale: float = 1.0, progress: bool = True, **sampler_options):
-        """``n`` images (B, C, H, W) in [-1, 1] and their labels (or None for an unconditional model)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        cfg = self.model.config
-        labels = None
-        if class_label is not None:
-            if cfg.num_classes is None:
-                raise ValueError("this model is unconditional: class_label must be None")
-            labels = torch.full((n,), class_index(class_label, self.classes), device=self.device)
-        size = (self.metadata or {}).get("image_size", 28)
-        generators = sample_generators(seed, n)
-        x_T = randn((n, cfg.in_channels, size, size), generator=generators, device=self.device)
-        s = get_sampler(sampler, self.schedule, steps, spacing="trailing", prediction=self.prediction, **sampler_options)
-        out = sample(self.model, x_T, s, labels, guidance_scale=guidance_scale, generator=generators, progress=progress)
-        return out.images, labels
+        """``n`` images (B, C, H, W) in [-1, 1] and their labels (or None without a class): a short form of :meth:`generate`."""
+        result = self.generate(GenerationConfig(prompt=class_label, num_images=n, steps=steps, sampler=sampler, seed=seed,
+                                                guidance_scale=guidance_scale, sampler_options=sampler_options), progress)
+        return result.images, result.labels
+
+
+def load_image(path: str | Path, shape: tuple[int, int, int] = (1, 28, 28), mask: bool = False) -> torch.Tensor:
+    """An image file as a (C, H, W) tensor in [-1, 1], converted (grey / RGB) and resized to ``shape``.
+
+    ``mask=True``: a (1, H, W) bool tensor, True where the pixel is light (>= 128): the region to repaint.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+
+    channels, h, w = shape
+    if channels not in (1, 3):
+        raise ValueError(f"images have 1 (grey) or 3 (RGB) channels, got {channels}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if mask or channels == 1 else "RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.NEAREST if mask else Image.Resampling.BILINEAR)
+            pixels = pil_to_tensor(img)
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: no such file") from err
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, ...)") from err
+    return pixels >= 128 if mask else to_model(pixels)
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """One (C, H, W) image in [-1, 1] as an 8-bit PNG (or any format Pillow infers from the name), pixel for pixel."""
+    from PIL import Image
+
+    pixels = to_uint8(image).cpu()
+    if pixels.ndim != 3 or pixels.shape[0] not in (1, 3):
+        raise ValueError(f"expected one image (1 or 3, H, W), got shape {tuple(image.shape)}")
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
+    return Path(path)

@@ -146,7 +146,7 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """``model(x_t, t, class_labels=None)`` -> prediction with the shape of ``x_t``."""
+    """``model(x_t, t, class_labels=None, class_embedding=None)`` -> prediction with the shape of ``x_t``."""
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
         super().__init__()
@@ -183,10 +183,13 @@ class UNet(nn.Module):
         norm = _norm(prev) if cfg.variant == "attention" else nn.BatchNorm2d(prev)
         self.head = nn.Sequential(norm, nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1))
 
-    def _embedding(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def _embedding(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int,
+                   class_embedding: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.stem.weight.device)
         t = t.expand(batch) if t.ndim == 0 else t
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(self.stem.weight.dtype))
+        if class_embedding is not None:
+            return emb + self._check_class_embedding(class_embedding, class_labels, tuple(emb.shape)).to(emb)
         if self.class_emb is not None:
             if class_labels is None:
                 class_labels = torch.full((batch,), self.config.num_classes, device=emb.device)
@@ -199,6 +202,17 @@ class UNet(nn.Module):
             raise ValueError("this model is unconditional (num_classes=None): pass class_labels=None")
         return emb
 
+    def _check_class_embedding(self, class_embedding: torch.Tensor, class_labels: torch.Tensor | None,
+                               shape: tuple[int, int]) -> torch.Tensor:
+        if self.class_emb is None:
+            raise ValueError("this model is unconditional (num_classes=None): pass class_embedding=None")
+        if class_labels is not None:
+            raise ValueError("give class_labels or class_embedding, not both")
+        if tuple(class_embedding.shape) != shape:
+            raise ValueError(f"class_embedding must have shape (B, D) = {shape} (rows of model.class_emb), "
+                             f"got {tuple(class_embedding.shape)}")
+        return class_embedding
+
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -207,9 +221,11 @@ class UNet(nn.Module):
             raise ValueError(f"images must be at least {cfg.min_size}x{cfg.min_size} for {len(cfg.channel_mults)} "
                              f"levels, got {tuple(x.shape[-2:])}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, class_labels: torch.Tensor | None = None,
+                class_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """``class_embedding`` (B, D), e.g. a blend of rows of ``class_emb``, replaces the label lookup (interpolation)."""
         self._check_input(x)
-        emb = self._embedding(t, class_labels, x.shape[0])
+        emb = self._embedding(t, class_labels, x.shape[0], class_embedding)
         h = self.stem(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample, strict=True):

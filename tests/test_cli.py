@@ -75,3 +75,92 @@ def test_course_table():
 def test_cli_sample_reports_a_missing_model_folder(tmp_path):
     result = _run("sample", "--checkpoint", str(tmp_path / "none"), "--n", "1")
     assert result.returncode == 1 and "cannot load" in result.stderr and "config.json not found" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample: generation, guidance, editing and interpolation from the command line (in-process: fast)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from lessons_lib.checkpoint import save_pretrained
+    from lessons_lib.train import preset
+    from lessons_lib.unet import UNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_pretrained(UNet(preset("tiny").model).eval(), path, metadata={"train": preset("tiny").to_dict()})
+    return path
+
+
+def _sample(model, *args):
+    from lessons_lib.cli import main
+
+    return main(["sample", "--checkpoint", str(model), "--sampler", "ddim", "--steps", "3", "--no-progress", *args])
+
+
+def test_cli_sample_writes_a_grid_with_guidance_and_a_negative_class(tiny_model, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    args = ["--n", "4", "--class", "sneaker", "--guidance", "2", "--negative", "sandal", "--out", str(out)]
+    assert _sample(tiny_model, *args) == 0
+    assert out.stat().st_size > 1000 and "wrote 4 images" in capsys.readouterr().out
+
+
+def test_cli_sample_edits_png_files_and_keeps_unmasked_pixels(tiny_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    assert _sample(tiny_model, "--n", "2", "--class", "bag", "--out", str(tmp_path / "frames")) == 0
+    first = tmp_path / "frames" / "0000.png"
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["0000.png", "0001.png"]
+    pixels = np.asarray(Image.open(first))
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
+    hole = np.zeros((28, 28), np.uint8)
+    hole[10:18, 6:22] = 255
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    out = tmp_path / "filled.npz"
+    assert _sample(tiny_model, "--n", "2", "--init-image", str(first), "--mask", str(tmp_path / "hole.png"),
+                   "--out", str(out)) == 0
+    with np.load(out) as f:
+        images, labels, seeds = f["images"], f["labels"], f["seeds"]
+    assert images.shape == (2, 28, 28) and labels.tolist() == [-1, -1] and seeds.tolist() == [0, 1]
+    assert (images[:, hole == 0] == pixels[hole == 0]).all() and (images[:, hole > 0] != pixels[hole > 0]).any()
+    assert _sample(tiny_model, "--n", "1", "--init-image", str(first), "--strength", "0", "--out", str(out)) == 0
+    with np.load(out) as f:
+        assert (f["images"][0] == pixels).all()
+
+
+def test_cli_sample_interpolates_between_classes_and_seeds(tiny_model, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "morph.npz"
+    assert _sample(tiny_model, "--class", "sneaker", "--interpolate", "4", "--to-class", "ankle boot", "--out", str(out)) == 0
+    with np.load(out) as f:
+        assert f["images"].shape == (4, 28, 28)
+    assert _sample(tiny_model, "--interpolate", "3", "--to-seed", "5", "--out", str(out)) == 0
+    with np.load(out) as f:
+        assert f["images"].shape == (3, 28, 28)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strength", "0.5"], "give init_image too"),
+    (["--class", "spaceship"], "unknown class 'spaceship'"),
+    (["--steps", "101"], r"steps must lie in [1, 100]"),
+    (["--init-image", "missing.png"], "missing.png: no such file"),
+    (["--to-seed", "3"], "go with --interpolate"),
+    (["--out", "x.gif"], "--out must end in"),
+])
+def test_cli_sample_reports_bad_values(tiny_model, capsys, args, message):
+    assert _sample(tiny_model, "--n", "1", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_sample_lists_the_samplers_and_presets(tiny_model, capsys):
+    from lessons_lib.samplers import SAMPLERS
+
+    for flag, allowed in (("--sampler", SAMPLERS), ("--preset", ("fast", "balanced", "high"))):
+        with pytest.raises(SystemExit):
+            _sample(tiny_model, flag, "warp")
+        err = capsys.readouterr().err
+        assert "invalid choice: 'warp'" in err and all(name in err for name in allowed)
