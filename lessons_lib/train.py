@@ -8,6 +8,10 @@ Reproducibility by construction: everything random at step ``s`` (which images, 
 are dropped, dropout) is drawn from generators seeded with ``(seed, s)``. So resuming needs only the
 step counter next to the model, EMA, optimizer and LR-scheduler states, and N steps + resume + M steps
 gives the same weights as N + M steps in one go (tested on CPU).
+
+To watch a run: ``loss.csv`` beside each checkpoint (:func:`plot_loss` draws it), and with ``sample_every``
+a grid of EMA samples every that many steps in ``samples/``, drawn from fixed seeds of its own, so the
+weights come out bit-identical with or without it.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write, load_state, save_pretrained
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
-from .device import autocast_dtype, get_device
+from .device import autocast_dtype, get_device, randn
 from .noising import PREDICTION_TYPES, q_sample, v_from_x0_eps
+from .samplers import get_sampler, sample
 from .schedules import NoiseSchedule, get_schedule
 from .unet import UNet, UNetConfig, count_parameters
 
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "min_snr")
 RESUME = "resume.pt"
+LOSS_CSV = "loss.csv"
+SAMPLES_DIR = "samples"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -71,6 +78,7 @@ class TrainConfig:
     out_dir: str = str(BUILD_DIR / "runs" / "default")
     checkpoint_every: int = 500
     log_every: int = 25
+    sample_every: int | None = None  # write a grid of EMA samples every N steps (and at the end)
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -81,8 +89,8 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if self.max_steps is None and self.epochs is None and self.minutes is None:
             raise ValueError("say how long to train: max_steps, epochs or minutes")
-        for name in ("batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "checkpoint_every", "log_every", "sample_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
@@ -218,6 +226,7 @@ class TrainResult:
     history: list[tuple[int, float]]
     out_dir: Path
     interrupted: bool = False
+    samples: list[Path] = field(default_factory=list)  # the sample grids of the run so far, by step (sample_every)
 
 
 def _total_steps(cfg: TrainConfig, num_images: int) -> int:
@@ -242,11 +251,92 @@ def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, o
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+# ---------------------------------------------------------------------------------------------------
+# What a run shows while it trains: the loss curve and samples over training
+# ---------------------------------------------------------------------------------------------------
+GRID_COLUMNS, GRID_STEPS = 8, 50
+
+
+def save_loss_csv(path: Path, history: list[tuple[int, float]]) -> None:
+    """Atomically write the logged losses as CSV: a ``step,loss`` header, then one row per logged step."""
+    text = "step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in history)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def plot_loss(history: list[tuple[int, float]], title: str = "Training loss"):
+    """A :class:`lessons_lib.viz.Figure` of the logged loss against the step (log scale) and its running mean."""
+    from .viz import Figure  # matplotlib is loaded only when a figure is drawn
+
+    if not history:
+        raise ValueError("history is empty: nothing was logged yet (the first entry comes after log_every steps)")
+    steps, losses = torch.tensor(history, dtype=torch.float64).T
+    window = max(1, len(losses) // 50)
+    fig = Figure(figsize=(6.5, 3), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(steps, losses, lw=0.5, alpha=0.4 if window > 1 else 1.0, label="logged loss")
+    if window > 1:
+        ax.plot(steps[window - 1:], losses.unfold(0, window, 1).mean(1), lw=1.5, label=f"running mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
+    ax.legend()
+    return fig
+
+
+@torch.no_grad()
+def sample_grid(model: UNet, cfg: TrainConfig, image_size: int = 28, columns: int = GRID_COLUMNS, steps: int = GRID_STEPS,
+                seed: int | None = None) -> torch.Tensor:
+    """The fixed grid drawn during training: one row per class x ``columns`` (unconditional: ``columns`` x ``columns``).
+
+    Image i starts from the noise of seed ``seed + i`` (default ``cfg.seed``); a class-conditional grid repeats
+    the first row's noises in every row, so rows differ only by their class. DDIM is deterministic, so a run's
+    grids differ only by the weights, and the noise comes from its own seeded generators: the training
+    randomness is untouched. Returns images (rows * columns, C, H, W) in [-1, 1], row by row.
+    """
+    device = next(model.parameters()).device
+    rows, conditional = cfg.model.num_classes or columns, cfg.model.num_classes is not None
+    x_T = randn((columns if conditional else rows * columns, cfg.model.in_channels, image_size, image_size),
+                seed=cfg.seed if seed is None else seed, device=device)
+    x_T = x_T.repeat(rows, 1, 1, 1) if conditional else x_T
+    labels = torch.arange(rows, device=device).repeat_interleave(columns) if conditional else None
+    schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
+    sampler = get_sampler("ddim", schedule, min(steps, cfg.num_steps), spacing="trailing", prediction=cfg.prediction)
+    was_training = model.training
+    model.eval()
+    try:
+        return sample(model, x_T, sampler, labels, progress=False).images
+    finally:
+        model.train(was_training)
+
+
+def save_sample_grid(model: UNet, cfg: TrainConfig, out_dir: Path, step: int, image_size: int,
+                     classes: tuple[str, ...] = ()) -> Path:
+    """Atomically write :func:`sample_grid` of ``model`` to ``out_dir/samples/step_XXXXXXX.png``, rows labelled by class."""
+    from .viz import show_grid  # matplotlib is loaded only when a grid is drawn
+
+    steps = min(GRID_STEPS, cfg.num_steps)
+    images = sample_grid(model, cfg, image_size, GRID_COLUMNS, steps)
+    conditional = cfg.model.num_classes is not None
+    fig = show_grid(images.cpu(), nrow=GRID_COLUMNS, title=f"EMA samples at step {step} (DDIM {steps} steps)",
+                    row_labels=list(classes) if conditional and len(classes) == cfg.model.num_classes else None,
+                    xlabel="starting noise (the same in every row)" if conditional else None)
+    return atomic_write(_grid_path(out_dir, step), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _grid_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / SAMPLES_DIR / f"step_{step:07d}.png"
+
+
+def _earlier_samples(out_dir: Path, up_to: int) -> list[Path]:
+    """The grids a resumed run wrote up to step ``up_to``, by step."""
+    stems = (p.stem.removeprefix("step_") for p in (Path(out_dir) / SAMPLES_DIR).glob("step_*.png"))
+    return [_grid_path(out_dir, s) for s in sorted(int(d) for d in stems if d.isdigit()) if s <= up_to]
+
+
 def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = True, progress: bool = True) -> TrainResult:
     """Train (or continue training) the model described by ``cfg``; checkpoints go to ``cfg.out_dir``.
 
-    Writes ``resume.pt`` every ``checkpoint_every`` steps, on Ctrl-C and at the end, and the EMA weights
-    as ``model.safetensors`` + ``config.json`` at the end. Only process 0 writes.
+    Writes ``resume.pt`` and ``loss.csv`` every ``checkpoint_every`` steps, on Ctrl-C and at the end, the
+    EMA weights as ``model.safetensors`` + ``config.json`` at the end, and with ``sample_every`` a grid of
+    EMA samples (:func:`save_sample_grid`) every that many steps and at the end. Only process 0 writes.
     """
     dist = _setup_distributed(cfg)
     out_dir = Path(cfg.out_dir)
@@ -271,6 +361,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), [(int(s), float(v)) for s, v in state["history"].tolist()]
         ema.n_averaged.fill_(max(1, step))
+    samples = _earlier_samples(out_dir, step) if step and cfg.sample_every else []
 
     net = model
     if dist.world > 1:
@@ -324,6 +415,9 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
             bar.update(1)
             if dist.main and step % cfg.checkpoint_every == 0:
                 save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
+                save_loss_csv(out_dir / LOSS_CSV, history)
+            if dist.main and cfg.sample_every and step % cfg.sample_every == 0:
+                samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))
     except KeyboardInterrupt:
         interrupted = True
         if dist.main:
@@ -332,5 +426,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         bar.close()
     if dist.main:
         save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
+        save_loss_csv(out_dir / LOSS_CSV, history)
         save_pretrained(ema.module, out_dir, metadata={"train": cfg.to_dict(), "step": step, "weights": "ema"})
-    return TrainResult(model.eval(), ema.module.eval(), step, history, out_dir, interrupted)  # ready to sample
+        if cfg.sample_every and step and not interrupted and _grid_path(out_dir, step) not in samples:
+            samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))  # the end
+    return TrainResult(model.eval(), ema.module.eval(), step, history, out_dir, interrupted, samples)  # ready to sample

@@ -1,16 +1,22 @@
-"""Training: the objective, exact resume, divergence handling, and DDP against one process."""
+"""Training: the objective, exact resume, divergence handling, DDP against one process, loss log and sample grids."""
 
+import csv
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 
 from lessons_lib import train as T
 from lessons_lib.checkpoint import load_pretrained
 from lessons_lib.data import ImageDataset, find_fashion_mnist
+from lessons_lib.device import randn
+from lessons_lib.samplers import get_sampler, sample
 from lessons_lib.schedules import get_schedule
+from lessons_lib.unet import UNet
 
 
 def _dataset(n=48, size=16):
@@ -21,6 +27,25 @@ def _dataset(n=48, size=16):
 
 def _cfg(tmp_path, **kw):
     return T.preset("tiny", **{"out_dir": str(tmp_path), "checkpoint_every": 100, "log_every": 1, **kw})
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture
+def small_grids(monkeypatch):
+    """Grids of 2 columns and 3 DDIM steps: the same code path as 8 x 50, in a fraction of the time."""
+    monkeypatch.setattr(T, "GRID_COLUMNS", 2)
+    monkeypatch.setattr(T, "GRID_STEPS", 3)
+
+
+def _read_loss_csv(path):
+    with open(path, newline="") as f:
+        header, *rows = csv.reader(f)
+    assert header == ["step", "loss"]
+    return [(int(s), float(v)) for s, v in rows]
 
 
 def test_min_snr_weights_closed_form():
@@ -91,6 +116,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         T.train(_cfg(tmp_path, max_steps=10, checkpoint_every=2), ds, progress=False)
     state = torch.load(tmp_path / T.RESUME, weights_only=True)
     assert state["step"] == 4
+    assert [s for s, _ in _read_loss_csv(tmp_path / T.LOSS_CSV)] == [1, 2, 3, 4]  # written with each checkpoint
     assert not list(tmp_path.glob("*.tmp"))  # no half-written files
 
 
@@ -103,8 +129,12 @@ def test_config_validation(tmp_path):
         T.preset("huge")
     with pytest.raises(ValueError, match=r"class_dropout must lie in \[0, 1\)"):
         T.TrainConfig(max_steps=1, class_dropout=1.0)
+    with pytest.raises(ValueError, match="sample_every must be >= 1, got 0"):
+        T.TrainConfig(max_steps=1, sample_every=0)
     cfg = _cfg(tmp_path)
     assert T.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    older = {k: v for k, v in cfg.to_dict().items() if k != "sample_every"}  # a config saved before the field existed
+    assert T.TrainConfig.from_dict(older) == cfg
 
 
 @pytest.mark.skipif(find_fashion_mnist("train") is None, reason="Fashion-MNIST not installed")
@@ -123,3 +153,70 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert a["step"] == b["step"] == 3
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("variant", ["attention", "simple"])  # simple: BatchNorm, whose statistics sampling must not touch
+def test_sample_grids_leave_training_bit_identical(tmp_path, variant, small_grids):
+    """Grids of EMA samples every 2 steps (and at the end) are written, and the weights match a run without them."""
+    ds = _dataset()
+    model = replace(T.preset("tiny").model, variant=variant)
+    plain = T.train(_cfg(tmp_path / "plain", max_steps=5, model=model), ds, progress=False)
+    drawn = T.train(_cfg(tmp_path / "drawn", max_steps=5, model=model, sample_every=2), ds, progress=False)
+    _assert_same_weights(plain.model, drawn.model)
+    _assert_same_weights(plain.ema, drawn.ema)
+    assert [p.name for p in drawn.samples] == ["step_0000002.png", "step_0000004.png", "step_0000005.png"]
+    for path in drawn.samples:
+        assert path.parent == tmp_path / "drawn" / T.SAMPLES_DIR
+        with Image.open(path) as img:
+            assert img.format == "PNG"
+    assert plain.samples == [] and not (tmp_path / "plain" / T.SAMPLES_DIR).exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resume_keeps_earlier_grids_and_the_loss_log(tmp_path, small_grids):
+    ds = _dataset()
+    T.train(_cfg(tmp_path, max_steps=3, sample_every=2), ds, progress=False)
+    result = T.train(_cfg(tmp_path, max_steps=5, sample_every=2), ds, progress=False)
+    assert [p.name for p in result.samples] == [f"step_000000{s}.png" for s in (2, 3, 4, 5)]
+    assert _read_loss_csv(tmp_path / T.LOSS_CSV) == result.history  # exact: floats are written with repr
+    assert [s for s, _ in result.history] == [1, 2, 3, 4, 5]
+
+
+def test_sample_grid_rows_are_classes_from_the_same_noises(tmp_path):
+    """Grid image (row r, column j) is class r sampled alone from the noise of seed + j, DDIM with trailing steps."""
+    cfg = _cfg(tmp_path, seed=3)
+    torch.manual_seed(0)
+    model = UNet(cfg.model)  # in training mode: the grid switches to eval and back
+    grid = T.sample_grid(model, cfg, image_size=16, columns=3, steps=5)
+    assert grid.shape == (30, 1, 16, 16) and model.training
+    sampler = get_sampler("ddim", get_schedule(cfg.schedule, cfg.num_steps), 5, spacing="trailing")
+    model.eval()
+    for row, col in [(0, 0), (7, 2), (9, 1)]:
+        alone = sample(model, randn((1, 1, 16, 16), seed=3 + col), sampler, torch.tensor([row]), progress=False).images
+        torch.testing.assert_close(grid[3 * row + col], alone[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(grid[0], grid[3 * 7])  # the class changes the image
+    uncond = replace(cfg, model=replace(cfg.model, num_classes=None))
+    torch.manual_seed(0)
+    images = T.sample_grid(UNet(uncond.model), uncond, image_size=16, columns=3, steps=5)
+    assert images.shape == (9, 1, 16, 16) and not torch.allclose(images[0], images[3])  # 9 different noises
+
+
+def test_plot_loss_draws_the_history_and_its_running_mean():
+    history = [(s, 1.0 / s) for s in range(1, 101)]
+    raw, mean = T.plot_loss(history).axes[0].lines
+    assert list(raw.get_xdata()) == list(range(1, 101)) and list(raw.get_ydata()) == [v for _, v in history]
+    assert mean.get_xdata()[0] == 2 and mean.get_ydata()[0] == pytest.approx((1 + 1 / 2) / 2)  # a window of 100 // 50
+    assert len(T.plot_loss(history[:10]).axes[0].lines) == 1  # too short to smooth
+    with pytest.raises(ValueError, match="history is empty"):
+        T.plot_loss([])
+
+
+@pytest.mark.skipif(find_fashion_mnist("train") is None, reason="Fashion-MNIST not installed")
+def test_cli_sample_every(tmp_path, small_grids):
+    from lessons_lib.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--max-steps", "2", "--sample-every", "2", "--no-progress",
+                 "--device", "cpu", "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in (out / T.SAMPLES_DIR).iterdir()) == ["step_0000002.png"]
+    assert [s for s, _ in _read_loss_csv(out / T.LOSS_CSV)] == [2]  # the tiny preset logs every 25 steps and at the end
