@@ -68,7 +68,7 @@ def dynamic_threshold(x0: torch.Tensor, quantile: float, max_value: float | None
 
 def _sigma(alpha_bar: float) -> float:
     """The noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) of x / sqrt(alpha_bar) (Karras et al. 2022, table 1)."""
-    alpha_bar = max(alpha_bar, ZERO_SNR_ALPHA_BAR)
+    alpha_bar = alpha_bar if alpha_bar > 0 else ZERO_SNR_ALPHA_BAR  # only an exact zero is replaced; tiny values are kept
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 

@@ -166,6 +166,16 @@ def test_euler_is_deterministic_ddim(grid):
     torch.testing.assert_close(euler, ddim)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_euler_is_ddim_on_the_cosine_schedule_down_from_t_999(spacing):
+    """cosine's alpha_bar[999] ~ 2.4e-9 lies below the zero-SNR stand-in 2^-24: it must be used as it is."""
+    S1000 = get_schedule("cosine", 1000)
+    x_T = torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    euler, ddim = (sample(gaussian_denoiser(0.1, 0.5, S1000), x_T, get_sampler(name, S1000, 20, spacing, clip_x0=False),
+                          progress=False).images for name in ("euler", "ddim"))
+    torch.testing.assert_close(euler, ddim)
+
+
 @pytest.mark.parametrize("grid", GRIDS)
 def test_euler_ancestral_is_ddim_with_eta_one(grid):
     """sigma_up^2 is DDPM's posterior variance in the sigma scale: the same step, given the same noise."""
