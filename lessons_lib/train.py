@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, load_state, save_pretrained
@@ -236,6 +236,25 @@ def _total_steps(cfg: TrainConfig, num_images: int) -> int:
     return min(steps) if steps else 10**12  # minutes only: the clock decides
 
 
+def ema_with_warmup(decay: float):
+    """The EMA update theta_ema <- d theta_ema + (1 - d) theta with d = min(decay, (1 + n) / (10 + n)) at update n.
+
+    The ramp (as in diffusers' EMAModel) keeps a short run's average from remembering the random initial
+    weights: with a fixed 0.999, 8% of the average is still the initialisation after 2,500 steps.
+    """
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = int(num_averaged)
+        pairs = list(zip(ema_params, params, strict=True))
+        floats = [(e, p) for e, p in pairs if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1 - min(decay, (1 + n) / (10 + n)))
+        for e, p in pairs:
+            if not e.is_floating_point():
+                e.copy_(p)  # integer buffers (BatchNorm's batch counter) are copied, not averaged
+    return update
+
+
 def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, opt, sched, step: int,
                 history: list[tuple[int, float]]) -> None:
     """Atomically write the resume checkpoint (read back with ``torch.load(weights_only=True)``)."""
@@ -348,7 +367,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     model = UNet(cfg.model).to(dist.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up
     step, history = 0, []

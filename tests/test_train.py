@@ -1,6 +1,7 @@
 """Training: the objective, exact resume, divergence handling, DDP against one process, loss log and sample grids."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -220,3 +221,15 @@ def test_cli_sample_every(tmp_path, small_grids):
                  "--device", "cpu", "--out-dir", str(out)]) == 0
     assert sorted(p.name for p in (out / T.SAMPLES_DIR).iterdir()) == ["step_0000002.png"]
     assert [s for s, _ in _read_loss_csv(out / T.LOSS_CSV)] == [2]  # the tiny preset logs every 25 steps and at the end
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """After N updates from 0 towards 1, the start keeps prod (1 + n) / (10 + n) = 10! (N + 1)! / (N + 10)!."""
+    update, N = T.ema_with_warmup(0.999), 49
+    ema = [torch.zeros(3, dtype=torch.float64)]
+    for n in range(1, N + 1):
+        update(ema, [torch.ones(3, dtype=torch.float64)], torch.tensor(n))
+    left = math.factorial(10) * math.factorial(N + 1) / math.factorial(N + 10)
+    torch.testing.assert_close(ema[0], torch.full((3,), 1 - left, dtype=torch.float64))
+    update(ema, [torch.ones(3, dtype=torch.float64)], torch.tensor(10**6))  # late updates use the configured decay
+    torch.testing.assert_close(ema[0], torch.full((3,), 1 - left * 0.999, dtype=torch.float64))
