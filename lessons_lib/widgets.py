@@ -1,25 +1,39 @@
-"""Playing: ipywidgets explorers for the forward process and the noise schedules.
+"""Playing: ipywidgets explorers for the forward process and the noise schedules, and a generation studio.
 
 Each explorer builds its figure once and, when a control moves, swaps the data of the existing
 artists (``set_data``) and redraws. The pure functions they draw from (:func:`noisy_view`,
 :func:`schedule_curves`) are tested on their own. Errors raised in a callback are printed under the
 widget instead of vanishing into the kernel log. In a headless run (papermill, nbval, CI — see
 :func:`lessons_lib.config.headless`) the explorers return a static figure, so nothing waits for a user.
+
+The generation studio (:class:`GenerationStudio`) is different: nothing runs until its Generate button
+is pressed, each press adds a row to a gallery, and Save writes the gallery as PNGs plus a JSON of the
+settings. Headless, it generates once with the given settings and returns the gallery's figure.
 """
 
 from __future__ import annotations
 
+import html
+import io
+import json
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.utils import make_grid
 
-from .config import headless
+from .checkpoint import atomic_write
+from .config import BUILD_DIR, headless
 from .data import ImageDataset
 from .device import randn
+from .editing import img2img_steps
 from .noising import q_sample
+from .pipeline import PRESETS, DiffusionPipeline, GenerationConfig, load_image, save_image
+from .samplers import SAMPLERS, get_sampler
 from .schedules import SCHEDULES, NoiseSchedule, get_schedule
 from .viz import Figure, to_display
 
@@ -191,3 +205,277 @@ def schedule_explorer(**settings):
     """A live schedule explorer, or its static figure when the notebook runs headless."""
     explorer = ScheduleExplorer(**settings)
     return explorer.fig if headless() else explorer.widget()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generation studio
+# ---------------------------------------------------------------------------------------------------
+MODES = ("generate", "image-to-image", "inpaint")
+SOURCES = ("dataset", "upload")
+NONE = "(none)"  # the dropdown entry for "no class"
+MASKS = {  # region name -> (rows, cols, H, W) -> bool (H, W)
+    "left half": lambda r, c, h, w: (c < w // 2).expand(h, w),
+    "right half": lambda r, c, h, w: (c >= w // 2).expand(h, w),
+    "top half": lambda r, c, h, w: (r < h // 2).expand(h, w),
+    "bottom half": lambda r, c, h, w: (r >= h // 2).expand(h, w),
+    "centre square": lambda r, c, h, w: ((r - h / 2 + 0.5).abs() < h / 4) & ((c - w / 2 + 0.5).abs() < w / 4),
+}
+
+
+def region_mask(name: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """An inpainting mask (C, H, W), True where the studio repaints: one of :data:`MASKS` by name."""
+    if name not in MASKS:
+        raise ValueError(f"unknown mask {name!r}; allowed: {', '.join(MASKS)}")
+    _, h, w = shape
+    rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    return MASKS[name](rows, cols, h, w).expand(shape)
+
+
+@dataclass
+class StudioEntry:
+    """One Generate click: the images, the input of an edit (repainted region greyed), and JSON-ready settings."""
+
+    images: torch.Tensor  # (num_images, C, H, W) in [-1, 1]
+    settings: dict  # the GenerationConfig fields as run, plus mode, source, mask, seeds, steps run, nfe, seconds
+    source: torch.Tensor | None = None  # (C, H, W): the edited image, as shown next to the results
+
+    @property
+    def caption(self) -> str:
+        s = self.settings
+        what = s["prompt"] if s["prompt"] is not None else "any class"
+        what += f", not {s['negative']}" if s["negative"] is not None else ""
+        edit = ""
+        if s["mode"] == "image-to-image":
+            edit = f" · img2img strength {s['strength']:.2f}"
+        elif s["mode"] == "inpaint":
+            edit = f" · inpaint {s['mask']}"
+        return (f"{what} · {s['sampler']} {s['steps']} steps · w={s['guidance_scale']:g}{edit}\n"
+                f"seeds {s['seeds'][0]}-{s['seeds'][-1]} · {s['nfe']} network calls · {s['seconds']:.1f} s")
+
+
+class GenerationStudio:
+    """Generate, edit and collect images from a :class:`~lessons_lib.pipeline.DiffusionPipeline`.
+
+    Settings (``state``): ``prompt`` and ``negative`` (class names or None), ``sampler``, ``steps``,
+    ``guidance_scale``, ``seed``, ``num_images``, ``mode`` (one of :data:`MODES`), ``source`` ("dataset":
+    image ``index`` of ``dataset``; "upload": the image given to :meth:`load_upload`), ``strength``
+    (image-to-image) and ``mask`` (inpainting, one of :data:`MASKS`). :meth:`generate` runs the current
+    settings and adds the result to ``gallery``; :meth:`save` writes every result as PNGs plus a JSON of
+    settings; :meth:`figure` draws the gallery; :meth:`widget` puts controls around all three.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, dataset: ImageDataset | None = None, preset: str = "fast",
+                 max_rows: int = 4, **settings):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+        self.pipe, self.dataset, self.max_rows = pipe, dataset, max_rows
+        sampler, steps = PRESETS[preset]
+        conditional = pipe.model.config.num_classes is not None
+        self.state = {"prompt": pipe.classes[0] if conditional else None, "negative": None, "sampler": sampler,
+                      "steps": min(steps, pipe.schedule.num_steps), "guidance_scale": 3.0 if conditional else 1.0,
+                      "seed": 0, "num_images": 4, "mode": "generate", "source": "dataset", "index": 0,
+                      "strength": 0.6, "mask": "right half"}
+        _merge(self.state, settings)
+        self.uploaded: torch.Tensor | None = None
+        self.gallery: list[StudioEntry] = []
+        self.on_call = None  # called with the number of network calls so far (the widget's progress bar)
+
+    def load_upload(self, content: bytes) -> torch.Tensor:
+        """An image file's bytes (PNG, JPEG, ...) as the source of edits: grey, resized to the model's size."""
+        self.uploaded = load_image(io.BytesIO(bytes(content)), self.pipe.image_shape)
+        self.state["source"] = "upload"
+        return self.uploaded
+
+    def source_image(self) -> torch.Tensor:
+        """The (C, H, W) image an edit starts from: dataset image ``index`` or the uploaded one."""
+        s = self.state
+        if s["source"] not in SOURCES:
+            raise ValueError(f"unknown source {s['source']!r}; allowed: {', '.join(SOURCES)}")
+        if s["source"] == "upload":
+            if self.uploaded is None:
+                raise ValueError("no uploaded image yet: upload one, or pick source='dataset'")
+            return self.uploaded
+        if self.dataset is None:
+            raise ValueError("this studio has no dataset to pick from: pass dataset=, or upload an image")
+        if not 0 <= s["index"] < len(self.dataset):
+            raise ValueError(f"image index must lie in [0, {len(self.dataset) - 1}], got {s['index']}")
+        return self.dataset[s["index"]][0]
+
+    def config(self) -> GenerationConfig:
+        """The :class:`~lessons_lib.pipeline.GenerationConfig` of the current settings."""
+        s = self.state
+        if s["mode"] not in MODES:
+            raise ValueError(f"unknown mode {s['mode']!r}; allowed: {', '.join(MODES)}")
+        init = self.source_image() if s["mode"] != "generate" else None
+        return GenerationConfig(
+            prompt=s["prompt"], negative=s["negative"], num_images=s["num_images"], seed=s["seed"], sampler=s["sampler"],
+            steps=s["steps"], guidance_scale=s["guidance_scale"], init_image=init,
+            strength=s["strength"] if s["mode"] == "image-to-image" else None,
+            mask=region_mask(s["mask"], init.shape) if s["mode"] == "inpaint" else None)
+
+    def generate(self, **changes) -> StudioEntry:
+        """Apply ``changes`` to the settings, run them, and add the result to the gallery."""
+        _merge(self.state, changes)
+        config = self.config()
+        calls = []
+
+        def count(_module, _args):
+            calls.append(1)
+            if self.on_call is not None:
+                self.on_call(len(calls))
+
+        hook = self.pipe.model.register_forward_pre_hook(count)
+        try:
+            result = self.pipe.generate(config, progress=False)
+        finally:
+            hook.remove()
+        c, s = result.config, self.state
+        settings = {k: v for k, v in vars(c).items() if k not in ("init_image", "mask", "device", "preset")}
+        settings.update(mode=s["mode"], source=None, mask=None, seeds=result.seeds, steps_run=result.steps,
+                        nfe=result.nfe, seconds=round(result.seconds, 3))
+        source = None
+        if config.init_image is not None:
+            settings["source"] = "upload" if s["source"] == "upload" else {"dataset": self.dataset.source, "index": s["index"]}
+            source = config.init_image
+            if config.mask is not None:
+                settings["mask"] = s["mask"]
+                source = torch.where(config.mask, torch.zeros_like(source), source)  # repainted region shown grey
+        entry = StudioEntry(result.images, settings, source)
+        self.gallery.append(entry)
+        return entry
+
+    def expected_calls(self) -> int:
+        """Roughly how many network calls :meth:`generate` will make (the progress bar's length)."""
+        c = self.pipe.resolve(self.config())
+        nfe = get_sampler(c.sampler, self.pipe.schedule, c.steps, c.spacing).nfe
+        return max(1, img2img_steps(nfe, c.strength) if c.init_image is not None else nfe)
+
+    def save(self, folder: str | Path) -> Path:
+        """Every gallery image as ``NNN_seedS.png`` and ``settings.json`` (one record per Generate, with its files)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        records = []
+        for k, entry in enumerate(self.gallery):
+            files = []
+            for image, seed in zip(entry.images, entry.settings["seeds"], strict=True):
+                files.append(save_image(image, folder / f"{k:03d}_seed{seed}.png").name)
+            records.append({**entry.settings, "files": files})
+        atomic_write(folder / "settings.json", lambda tmp: tmp.write_text(json.dumps(records, indent=1) + "\n"))
+        return folder
+
+    def figure(self) -> Figure:
+        """The last ``max_rows`` results, newest first: one row each (the edited input first), captioned with its settings."""
+        entries = self.gallery[::-1][: self.max_rows]
+        width = max((len(e.images) + (e.source is not None) for e in entries), default=4)
+        fig = Figure(figsize=(max(width + 1, 7.5), 1.7 * max(len(entries), 1) + 0.5), layout="constrained")
+        fig.suptitle(f"Generation studio: {len(self.gallery)} result(s), newest first")
+        axes = np.atleast_1d(fig.subplots(max(len(entries), 1), 1))
+        if not entries:
+            axes[0].axis("off")
+            axes[0].text(0.5, 0.5, "no results yet: press Generate", ha="center", va="center")
+            return fig
+        for ax, entry in zip(axes, entries, strict=True):
+            strip = entry.images if entry.source is None else torch.cat([entry.source[None], entry.images])
+            ax.imshow(to_display(make_grid(strip.cpu(), nrow=len(strip), padding=2, pad_value=1.0)), cmap="gray",
+                      vmin=0, vmax=1, interpolation="nearest")
+            size = strip.shape[-1] + 2
+            labels = (["input"] if entry.source is not None else []) + [f"seed {s}" for s in entry.settings["seeds"]]
+            ax.set_xticks([2 + size * (i + 0.5) for i in range(len(strip))], labels, fontsize=7)
+            ax.set_yticks([])
+            ax.set_anchor("W")  # strips of different lengths start at the same left edge, under their caption
+            ax.set_title(entry.caption, fontsize=8, loc="left")
+        return fig
+
+    def widget(self):
+        """Controls, a Generate button with a progress bar, the gallery, and a Save button."""
+        import ipywidgets as W
+        from IPython.display import display
+
+        s, T = self.state, self.pipe.schedule.num_steps
+        classes = [NONE, *self.pipe.classes] if self.pipe.model.config.num_classes is not None else [NONE]
+        short = W.Layout(width="230px")
+        controls = {
+            "prompt": W.Dropdown(options=classes, value=s["prompt"] or NONE, description="class", layout=short),
+            "negative": W.Dropdown(options=classes, value=s["negative"] or NONE, description="not class", layout=short),
+            "sampler": W.Dropdown(options=list(SAMPLERS), value=s["sampler"], description="sampler", layout=short),
+            "steps": W.IntSlider(value=s["steps"], min=1, max=T, description="steps"),
+            "guidance_scale": W.FloatSlider(value=s["guidance_scale"], min=0, max=10, step=0.5, description="guidance"),
+            "seed": W.IntText(value=s["seed"], description="seed", layout=W.Layout(width="160px")),
+            "num_images": W.IntSlider(value=s["num_images"], min=1, max=8, description="images"),
+            "mode": W.ToggleButtons(options=list(MODES), value=s["mode"], description="mode"),
+            "source": W.Dropdown(options=list(SOURCES), value=s["source"], description="source", layout=short),
+            "index": W.IntText(value=s["index"], description="image #", layout=W.Layout(width="160px")),
+            "strength": W.FloatSlider(value=s["strength"], min=0, max=1, step=0.05, description="strength"),
+            "mask": W.Dropdown(options=list(MASKS), value=s["mask"], description="repaint", layout=short),
+        }
+        preset = W.Dropdown(options=list(PRESETS), value=None, description="preset", layout=short)
+        upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
+        generate, save = W.Button(description="Generate", button_style="primary"), W.Button(description="Save")
+        folder = W.Text(value=str(BUILD_DIR / "studio"), description="folder", layout=W.Layout(width="420px"))
+        progress = W.IntProgress(value=0, min=0, max=1, description="progress")
+        status, gallery_out, error_out = W.HTML(), W.Output(), W.Output()
+
+        def show_gallery():
+            with gallery_out:
+                gallery_out.clear_output(wait=True)
+                display(self.figure())
+
+        def settings_error(action):  # bad settings: a message under the buttons, not a traceback
+            def run(_button=None):
+                try:
+                    action()
+                except (ValueError, TypeError) as err:
+                    status.value = f"<span style='color:#b00'>&#9888; {html.escape(str(err))}</span>"
+            return _guarded(run, error_out)
+
+        def on_generate():
+            _merge(self.state, {name: None if c.value == NONE else c.value for name, c in controls.items()})
+            progress.value, progress.max = 0, self.expected_calls()
+            status.value = "generating..."
+            self.on_call = lambda n: setattr(progress, "value", min(n, progress.max))
+            try:
+                entry = self.generate()
+            finally:
+                self.on_call = None
+            progress.value = progress.max
+            status.value = html.escape(entry.caption).replace("\n", " · ")
+            show_gallery()
+
+        def on_save():
+            path = self.save(folder.value)
+            status.value = f"saved {sum(len(e.images) for e in self.gallery)} PNGs and settings.json to {html.escape(str(path))}"
+
+        def on_upload():
+            if upload.value:
+                self.load_upload(upload.value[0]["content"])
+                controls["source"].value = "upload"
+                status.value = f"uploaded {html.escape(upload.value[0]['name'])}"
+
+        def on_preset():
+            if preset.value is not None:
+                controls["sampler"].value, steps = PRESETS[preset.value]
+                controls["steps"].value = min(steps, T)
+
+        generate.on_click(settings_error(on_generate))
+        save.on_click(settings_error(on_save))
+        upload.observe(settings_error(on_upload), names="value")
+        preset.observe(settings_error(on_preset), names="value")
+        show_gallery()
+        c = controls
+        return W.VBox([
+            W.HBox([c["prompt"], c["negative"], preset, c["sampler"]]),
+            W.HBox([c["steps"], c["guidance_scale"], c["num_images"], c["seed"]]),
+            W.HBox([c["mode"]]),
+            W.HBox([c["source"], c["index"], upload, c["strength"], c["mask"]]),
+            W.HBox([generate, progress, save, folder]),
+            status, gallery_out, error_out,
+        ])
+
+
+def generation_studio(pipe: DiffusionPipeline, dataset: ImageDataset | None = None, **settings):
+    """A live generation studio, or, when the notebook runs headless, the figure of one Generate with ``settings``."""
+    studio = GenerationStudio(pipe, dataset, **settings)
+    if not headless():
+        return studio.widget()
+    studio.generate()
+    return studio.figure()

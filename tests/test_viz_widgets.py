@@ -131,3 +131,134 @@ def test_schedule_explorer_update(monkeypatch):
     box = ex.widget()
     box.children[0].children[0].value = 300
     assert len(line_ab.get_xdata()) == 300
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generation studio (a tiny random U-Net: the images are noise, the wiring is what is tested)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe():
+    from lessons_lib.pipeline import DiffusionPipeline
+    from lessons_lib.train import preset
+    from lessons_lib.unet import UNet
+
+    torch.manual_seed(0)
+    return DiffusionPipeline(UNet(preset("tiny").model).eval(), get_schedule("cosine", 100))
+
+
+@pytest.fixture
+def live(monkeypatch):
+    monkeypatch.setenv("LESSONS_HEADLESS", "0")
+    monkeypatch.delenv("LESSONS_SMOKE", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+
+
+def _find(box, description):
+    """The widget with this description (or button label) anywhere inside ``box``."""
+    for child in box.children:
+        if getattr(child, "description", None) == description:
+            return child
+        if hasattr(child, "children") and (found := _find(child, description)) is not None:
+            return found
+    return None
+
+
+def test_studio_generate_click_adds_gallery_entry_with_its_settings(pipe, ds, live):
+    from lessons_lib.pipeline import GenerationConfig
+
+    studio = widgets.GenerationStudio(pipe, ds, num_images=2)
+    box = studio.widget()
+    _find(box, "class").value = "Sneaker"
+    _find(box, "sampler").value = "ddim"
+    _find(box, "steps").value = 4
+    _find(box, "seed").value = 7
+    _find(box, "Generate").click()  # what pressing the button does
+    assert len(studio.gallery) == 1
+    entry = studio.gallery[0]
+    s = entry.settings
+    ran = (s["prompt"], s["sampler"], s["steps"], s["seeds"], s["guidance_scale"], s["nfe"])
+    assert ran == ("Sneaker", "ddim", 4, [7, 8], 3.0, 4)
+    expected = pipe.generate(GenerationConfig(prompt="Sneaker", num_images=2, seed=7, sampler="ddim", steps=4,
+                                              guidance_scale=3.0), progress=False)
+    torch.testing.assert_close(entry.images, expected.images, rtol=0, atol=0)
+    progress = _find(box, "progress")
+    assert progress.value == progress.max == 4  # one network call per DDIM step (both guidance branches in one batch)
+    assert "Sneaker" in box.children[5].value  # the status line shows the caption
+    _find(box, "preset").value = "balanced"
+    assert (_find(box, "sampler").value, _find(box, "steps").value) == ("dpmpp_2m", 25)
+
+
+def test_studio_save_writes_pngs_and_reproducible_settings(pipe, ds, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from lessons_lib.data import to_uint8
+    from lessons_lib.pipeline import GenerationConfig
+
+    studio = widgets.GenerationStudio(pipe, ds, num_images=2, steps=3, seed=3)
+    studio.generate()
+    studio.generate(mode="inpaint", mask="left half", index=4, num_images=1)
+    folder = studio.save(tmp_path / "out")
+    records = json.loads((folder / "settings.json").read_text())
+    assert [r["files"] for r in records] == [["000_seed3.png", "000_seed4.png"], ["001_seed3.png"]]
+    assert records[1]["mode"] == "inpaint" and records[1]["mask"] == "left half"
+    assert records[1]["source"] == {"dataset": "synthetic", "index": 4}
+    for entry, record in zip(studio.gallery, records, strict=True):
+        for image, name in zip(entry.images, record["files"], strict=True):
+            pixels = torch.from_numpy(np.array(Image.open(folder / name)))
+            torch.testing.assert_close(pixels, to_uint8(image)[0], rtol=0, atol=0)
+    fields = set(GenerationConfig.__dataclass_fields__)
+    again = pipe.generate(GenerationConfig(**{k: v for k, v in records[0].items() if k in fields}), progress=False)
+    torch.testing.assert_close(again.images, studio.gallery[0].images, rtol=0, atol=0)  # the JSON is enough to redo it
+
+
+def test_studio_inpaints_an_uploaded_image_keeping_known_pixels(pipe, tmp_path):
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    studio = widgets.GenerationStudio(pipe, steps=3, num_images=2)  # no dataset: uploads only
+    uploaded = studio.load_upload(buffer.getvalue())
+    assert studio.state["source"] == "upload"
+    torch.testing.assert_close(uploaded[0], data.to_model(pixels), rtol=0, atol=0)
+    entry = studio.generate(mode="inpaint", mask="top half")
+    keep = ~widgets.region_mask("top half", (1, 28, 28))
+    assert keep[0, :14].sum() == 0 and keep[0, 14:].all()
+    for image in entry.images:
+        torch.testing.assert_close(image[keep], uploaded[keep], rtol=0, atol=0)
+    assert entry.settings["source"] == "upload"
+
+
+def test_studio_bad_settings_show_an_error_instead_of_raising(pipe, ds, live):
+    studio = widgets.GenerationStudio(pipe, ds, steps=2, num_images=1)
+    box = studio.widget()
+    status = box.children[5]
+    _find(box, "not class").value = "Bag"
+    _find(box, "guidance").value = 1.0
+    _find(box, "Generate").click()
+    assert "negative class acts through guidance" in status.value and studio.gallery == []
+    _find(box, "not class").value = "(none)"
+    _find(box, "mode").value = "image-to-image"
+    _find(box, "image #").value = 99
+    _find(box, "Generate").click()
+    assert "image index must lie in [0, 4], got 99" in status.value and studio.gallery == []
+    _find(box, "source").value = "upload"
+    _find(box, "Generate").click()
+    assert "no uploaded image yet" in status.value
+    with pytest.raises(TypeError, match="unknown setting"):
+        studio.generate(colour="red")
+    with pytest.raises(ValueError, match="unknown mask 'middle'; allowed: left half"):
+        widgets.region_mask("middle", (1, 28, 28))
+
+
+def test_studio_headless_returns_a_static_figure(pipe, ds, monkeypatch):
+    monkeypatch.setenv("LESSONS_HEADLESS", "1")
+    fig = widgets.generation_studio(pipe, ds, prompt="Bag", steps=2, num_images=3)
+    assert isinstance(fig, viz.Figure) and fig._repr_png_().startswith(b"\x89PNG")
+    assert len(fig.axes) == 1 and fig.axes[0].get_title(loc="left").startswith("Bag · dpmpp_2m 2 steps")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["seed 0", "seed 1", "seed 2"]

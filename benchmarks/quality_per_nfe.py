@@ -1,0 +1,200 @@
+"""Quality per model evaluation: FID, precision, recall and wall time of every sampler at a few NFE budgets.
+
+For each sampler of ``lessons_lib.samplers.SAMPLERS`` and each budget of model evaluations (NFE, default
+10, 20 and 50) the step count is the largest whose ``sampler.nfe`` fits the budget: Heun evaluates the
+model twice per step except the last, PNDM's Runge-Kutta warm-up costs 4 evaluations per step, PLMS's 2.
+The reference row is DDPM with all ``--reference-steps`` (1000) steps. Every row draws ``--n``
+class-balanced images from the pretrained model with ``DiffusionPipeline`` (image i: class i % 10, seed
+``seed + i``, so every sampler starts from the same noises; trailing timesteps, no guidance), times the
+sampling, and scores the images with ``lessons_lib.metrics.evaluate`` against the 10,000 Fashion-MNIST
+test images. The table gives FID / FID(reference) too.
+
+Rows are written to ``--out`` as each finishes. Running again with the same configuration (n, seed,
+model weights) skips the rows already there, so an interrupted run (the full grid takes hours on a
+2-core CPU, 1000-step DDPM alone over an hour) continues where it stopped.
+
+Run from the repository root:  python benchmarks/quality_per_nfe.py [--n 1000] [--nfe 10 20 50] [--samplers ddim heun]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lessons_lib import metrics
+from lessons_lib.checkpoint import atomic_write
+from lessons_lib.config import PRETRAINED_MODEL, REPO_ROOT
+from lessons_lib.pipeline import DiffusionPipeline, GenerationConfig
+from lessons_lib.samplers import SAMPLERS, get_sampler
+from lessons_lib.schedules import NoiseSchedule
+
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "quality_per_nfe.json"
+SPACING = "trailing"
+NFE_BUDGETS = (10, 20, 50)
+TARGETS = {20: 1.10, 10: 1.25}  # the issue's goal: best FID at this NFE within this factor of the reference's
+
+
+def steps_for_nfe(name: str, schedule: NoiseSchedule, nfe: int, spacing: str = SPACING) -> int:
+    """The most steps of sampler ``name`` whose number of model evaluations is at most ``nfe``."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"an NFE budget must be an int >= 1, got {nfe!r}")
+    steps = 1  # one step costs one evaluation with every sampler
+    while steps < schedule.num_steps and get_sampler(name, schedule, steps + 1, spacing).nfe <= nfe:
+        steps += 1
+    return steps
+
+
+def machine() -> str:
+    """Where the timings were taken, in one line."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, seed: int = 0, batch_size: int = 100,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """``n`` images, image i of class i % 10 from seed ``seed + i``, in batches; also the seconds and NFE per image."""
+    classes = len(pipe.classes)
+    images, labels, seconds, nfe = [], [], 0.0, set()
+    for start in tqdm(range(0, n, batch_size), desc=f"{sampler}, {steps} steps", disable=not progress, leave=False):
+        configs = [GenerationConfig(prompt=i % classes, seed=seed + i, sampler=sampler, steps=steps, spacing=SPACING)
+                   for i in range(start, min(start + batch_size, n))]
+        results = pipe.generate_batch(configs, progress=False)
+        images += [r.images for r in results]
+        labels += [r.labels for r in results]
+        seconds += results[0].seconds  # the configs ran as one batch: the time is shared
+        nfe.add(results[0].nfe)
+    (nfe,) = nfe  # every batch makes the same number of network calls
+    return torch.cat(images), torch.cat(labels), seconds, nfe
+
+
+def run_row(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, seed: int = 0, batch_size: int = 100,
+            progress: bool = True, n_reference: int | None = None) -> dict:
+    """Sample, time and score one (sampler, steps) cell of the table (against ``n_reference`` test images; None: all)."""
+    images, labels, seconds, nfe = balanced_samples(pipe, sampler, steps, n, seed, batch_size, progress)
+    score = metrics.evaluate(images, reference="test", labels=labels, n_reference=n_reference)
+    return {"sampler": sampler, "steps": steps, "nfe": nfe, "fid": score.fid, "precision": score.precision,
+            "recall": score.recall, "accuracy": score.accuracy, "seconds_per_1000": 1000 * seconds / n,
+            "device": str(pipe.device), "machine": machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def load_results(path: str | Path = RESULTS) -> dict | None:
+    """The results file written by this script, or None if there is none."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reference_row(results: dict) -> dict | None:
+    """The reference row (DDPM with ``reference_steps`` steps) of a results dict, if it has been run."""
+    steps = results["config"]["reference_steps"]
+    return next((r for r in results["rows"] if r["sampler"] == "ddpm" and r["steps"] == steps), None)
+
+
+def format_table(results: dict) -> str:
+    """The results as a markdown table: the reference first, then each sampler by NFE (no ratio column without it)."""
+    ref = reference_row(results)
+    rows = sorted(results["rows"], key=lambda r: (r is not ref, list(SAMPLERS).index(r["sampler"]), r["nfe"]))
+    ratio = f" FID / FID(DDPM-{ref['steps']}) |" if ref else ""
+    lines = [f"| sampler | steps | NFE | FID |{ratio} precision | recall | s / 1000 images |",
+             "|---|---:|---:|---:|" + ("---:|" if ref else "") + "---:|---:|---:|"]
+    for r in rows:
+        ratio = f" {r['fid'] / ref['fid']:.2f} |" if ref else ""
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |{ratio} {r['precision']:.3f} "
+                     f"| {r['recall']:.3f} | {r['seconds_per_1000']:.0f} |")
+    return "\n".join(lines)
+
+
+def best_at(results: dict, nfe: int) -> dict | None:
+    """The row with the lowest FID among those using at most ``nfe`` evaluations (the reference excluded)."""
+    ref = reference_row(results)
+    rows = [r for r in results["rows"] if r is not ref and r["nfe"] <= nfe]
+    return min(rows, key=lambda r: r["fid"]) if rows else None
+
+
+def summary(results: dict) -> list[str]:
+    """One line per target of the issue: the best sampler at that budget against 1000-step DDPM."""
+    ref = reference_row(results)
+    if ref is None:
+        return ["no reference row yet: the FID ratios need it"]
+    lines = []
+    for nfe, factor in TARGETS.items():
+        best = best_at(results, nfe)
+        if best is not None:
+            ratio = best["fid"] / ref["fid"]
+            lines.append(f"best at <= {nfe} NFE: {best['sampler']} ({best['steps']} steps), FID {best['fid']:.2f} = "
+                         f"{ratio:.2f} x DDPM-{ref['steps']} (target <= {factor:.2f}: {'met' if ratio <= factor else 'NOT met'})")
+    return lines
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside (the results file is committed)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000, help="images per row (compare FIDs only at equal n)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(NFE_BUDGETS), help="budgets of model evaluations")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--reference-steps", type=int, default=1000, help="steps of the DDPM reference row (0: none)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file of results (read to resume)")
+    parser.add_argument("--model", type=Path, default=PRETRAINED_MODEL, help="a saved model folder")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--device", help="default: cuda > mps > cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--fresh", action="store_true", help="replace the results in --out instead of resuming")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    if args.n < 10:
+        parser.error(f"--n must be >= 10 (one image per class at least), got {args.n}")
+    if any(b < 1 for b in args.nfe):
+        parser.error(f"--nfe budgets must be >= 1, got {args.nfe}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    pipe = DiffusionPipeline.from_pretrained(args.model, device=args.device)
+    T = pipe.schedule.num_steps
+    if not 0 <= args.reference_steps <= T:
+        parser.error(f"--reference-steps must lie in [0, {T}], got {args.reference_steps}")
+    config = {"n": args.n, "seed": args.seed, "spacing": SPACING, "reference": "test (10,000 images)",
+              "reference_steps": args.reference_steps, "model": _relative(args.model),
+              "model_sha256": pipe.metadata["weights_sha256"]}
+    results = None if args.fresh else load_results(args.out)
+    if results is not None and any(results["config"].get(k) != config[k] for k in ("n", "seed", "spacing", "model_sha256")):
+        raise SystemExit(f"{args.out} holds results of another configuration ({results['config']}); "
+                         f"use --fresh to replace them or --out to write elsewhere")
+    results = results or {"config": config, "rows": []}
+    if args.reference_steps:
+        results["config"]["reference_steps"] = args.reference_steps
+
+    plan = [("ddpm", args.reference_steps)] if args.reference_steps else []
+    plan += [(name, steps_for_nfe(name, pipe.schedule, b)) for name in args.samplers for b in args.nfe]
+    done = {(r["sampler"], r["steps"]) for r in results["rows"]}
+    todo = [cell for cell in dict.fromkeys(plan) if cell not in done]
+    print(f"# quality per NFE: {len(plan) - len(todo)} of {len(set(plan))} rows already in {args.out}, {len(todo)} to run")
+    print(f"# {machine()}, device {pipe.device}; {args.n} images per row, {SPACING} steps, seed {args.seed}", flush=True)
+    for name, steps in todo:
+        row = run_row(pipe, name, steps, args.n, args.seed, args.batch_size, not args.no_progress)
+        results["rows"].append(row)
+        results["date"] = row["date"]
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+        print(f"  {name:<16} {steps:5d} steps  {row['nfe']:5d} NFE  FID {row['fid']:8.2f}  "
+              f"{row['seconds_per_1000']:8.0f} s / 1000 images", flush=True)
+
+    where = sorted({f"{r['machine']}, device {r['device']}" for r in results["rows"]})
+    print(f"\n# {args.n} images per row vs the 10,000 test images (k = 3); model sha256 {config['model_sha256'][:12]}; "
+          f"seconds measured on: {'; '.join(where)}\n")
+    print(format_table(results))
+    print("\n" + "\n".join(summary(results)))
+
+
+if __name__ == "__main__":
+    main()
