@@ -84,13 +84,20 @@ def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None)
 
 def read_config(path: str | Path) -> dict:
     """The JSON config of a saved model folder, with a clear error when it is missing or malformed."""
-    file = Path(path) / CONFIG
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; give the model folder that holds {WEIGHTS} and {CONFIG} "
+                              "(for a trainer's resume.pt, that is the folder it lies in)")
+    file = path / CONFIG
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a model folder holds {WEIGHTS} and {CONFIG}")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{file} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def read_verified(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -108,7 +115,7 @@ def read_verified(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{weights}: sha256 {actual[:12]}... does not match {expected[:12]}... in {CONFIG} "
                               "(truncated or replaced file; restore it with git or retrain)")
     try:
-        return config, clean_state_dict(load_file(str(weights)))
+        return config, clean_state_dict(load_file(str(weights), device="cpu"))  # no device is stored: CUDA saves load anywhere
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err})") from err
 
@@ -116,13 +123,29 @@ def read_verified(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
     """Rebuild the model saved by :func:`save_pretrained`; returns ``(model in eval mode, config)``.
 
-    Checks the weights' sha256 against the config, and reports missing/unexpected keys and shape
-    mismatches by name.
+    Checks the weights' sha256 against the config (a truncated or replaced file), that the weights are
+    safetensors and the config a JSON object with a valid ``model`` section, and reports missing or
+    unexpected keys and shape mismatches by name. Weights saved on CUDA, or from a compiled or DDP
+    model (``_orig_mod.`` / ``module.`` prefixes), load on any device.
     """
     config, state = read_verified(path)
-    model = UNet(UNetConfig(**config["model"]))
+    model = UNet(model_config(config, Path(path) / CONFIG))
     load_state(model, state)
     return model.to(device).eval(), config
+
+
+def model_config(config: dict, source: str | Path = CONFIG) -> UNetConfig:
+    """The :class:`UNetConfig` in ``config["model"]``, naming unknown or invalid fields."""
+    fields = config.get("model")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{source} has no 'model' section describing the network")
+    unknown = sorted(set(fields) - set(UNetConfig.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model fields {unknown}; allowed: {', '.join(UNetConfig.__dataclass_fields__)}")
+    try:
+        return UNetConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: invalid model config ({err})") from err
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

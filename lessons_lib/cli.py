@@ -96,8 +96,8 @@ def _bench(args) -> int:
         return 0
     source = f"{args.random_preset} preset, random weights" if args.random_preset else args.checkpoint
     print(f"U-Net: {source}, {sum(p.numel() for p in pipe.model.parameters()):,} parameters; {device.type}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} interleaved calls; "
-          f"img/s from one DDIM {args.steps}-step sample\n")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} calls and "
+          f"{max(1, args.repeats // 5)} DDIM {args.steps}-step samples per row, taken in turns\n")
     print(table(rows))
     return 0
 
