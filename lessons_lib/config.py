@@ -23,6 +23,7 @@ REPO_ROOT = _find_repo_root()
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BUILD_DIR = REPO_ROOT / "build"
 PRETRAINED_DIR = REPO_ROOT / "data" / "pretrained"
+PRETRAINED_MODEL = PRETRAINED_DIR / "ddpm_fmnist"  # the shipped class-conditional model (see its model card)
 
 
 def data_dir() -> Path:
