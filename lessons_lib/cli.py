@@ -110,6 +110,7 @@ def _train(args) -> int:
         "batch_size": args.batch_size, "lr": args.lr, "prediction": args.prediction, "loss": args.loss,
         "weighting": args.weighting, "schedule": args.schedule, "device": args.device, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay, "sample_every": args.sample_every,
+        "amp": args.amp,
     }.items() if v is not None}
     if args.compile:
         overrides["compile"] = True
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_data)
 
     p = sub.add_parser("train", help="train (or resume) a diffusion model; also runs under torchrun")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "tiny"], help="sizes and defaults to start from")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "shipped", "gpu", "tiny"], help="sizes and defaults to start from")
     p.add_argument("--out-dir", help="where checkpoints go (resumes from out-dir/resume.pt if present)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=float)
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--sample-every", type=int, help="a grid of EMA samples to out-dir/samples/ every N steps and at the end")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision: auto = bf16/fp16 on CUDA, fp32 elsewhere; bf16 is 1.4-2x faster on CPUs with AMX")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")

@@ -132,10 +132,42 @@ def test_config_validation(tmp_path):
         T.TrainConfig(max_steps=1, class_dropout=1.0)
     with pytest.raises(ValueError, match="sample_every must be >= 1, got 0"):
         T.TrainConfig(max_steps=1, sample_every=0)
+    with pytest.raises(ValueError, match="unknown amp 'fp8'; allowed: auto, bf16, fp16, off"):
+        T.TrainConfig(max_steps=1, amp="fp8")
+    assert T.TrainConfig(max_steps=1, amp=True).amp == "auto" and T.TrainConfig(max_steps=1, amp=False).amp == "off"
     cfg = _cfg(tmp_path)
     assert T.TrainConfig.from_dict(cfg.to_dict()) == cfg
     older = {k: v for k, v in cfg.to_dict().items() if k != "sample_every"}  # a config saved before the field existed
     assert T.TrainConfig.from_dict(older) == cfg
+
+
+def test_bf16_autocast_on_cpu(tmp_path, monkeypatch):
+    """amp='bf16' runs the network in bf16 on the CPU, keeps fp32 weights, and lands near the fp32 run."""
+    ds = _dataset()
+    seen = set()
+    real = T.diffusion_loss
+
+    def records_dtype(model, x0, *args, **kwargs):
+        handle = model.stem.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+        try:
+            return real(model, x0, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(T, "diffusion_loss", records_dtype)
+    fp32 = T.train(_cfg(tmp_path / "fp32", max_steps=3, amp="off"), ds, progress=False)
+    assert seen == {torch.float32}
+    seen.clear()
+    bf16 = T.train(_cfg(tmp_path / "bf16", max_steps=3, amp="bf16"), ds, progress=False)
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    torch.testing.assert_close([v for _, v in bf16.history], [v for _, v in fp32.history], rtol=0.02, atol=0)
+    torch.manual_seed(0)
+    w0 = torch.nn.utils.parameters_to_vector(UNet(bf16.model.config).parameters())
+    a, b = (torch.nn.utils.parameters_to_vector(r.model.parameters()) for r in (fp32, bf16))
+    assert (b - a).norm() < 0.3 * (a - w0).norm()  # bf16 moves the weights where fp32 does, give or take rounding
+    with pytest.raises(ValueError, match="amp='fp16' needs a GPU"):
+        T.train(_cfg(tmp_path / "fp16", max_steps=1, amp="fp16", device="cpu"), ds, progress=False)
 
 
 @pytest.mark.skipif(find_fashion_mnist("train") is None, reason="Fashion-MNIST not installed")
