@@ -267,8 +267,8 @@ class DiffusionPipeline:
         calls = []
         hook = self.model.register_forward_pre_hook(lambda module, args: calls.append(1))
         try:
-            out = sample(model or self.model, x_T, sampler, labels, c.guidance_scale, null_labels, generators, progress,
-                         on_step=on_step)
+            out = sample(model or self.model, x_T, sampler, labels, c.guidance_scale, generators, progress,
+                         null_label=null_labels, on_step=on_step)
         finally:
             hook.remove()
         return out.images.cpu(), run, len(calls), time.perf_counter() - start

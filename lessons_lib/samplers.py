@@ -33,6 +33,7 @@ from .schedules import NoiseSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # stands for alpha_bar = 0 (zero terminal SNR) where a solver divides by it, as in diffusers
+SIGMA_MAX = 80.0  # Karras et al. 2022, sec. 5: above this noise level x_t holds no usable signal (1 part in 80)
 
 
 def make_timesteps(num_train_steps: int, num_steps: int, spacing: str = "leading") -> torch.Tensor:
@@ -130,6 +131,17 @@ class Sampler:
             raise ValueError(f"{self.name} keeps state between steps, which must run in order: expected step "
                              f"{self._next}, got {i} (call reset() to start over)")
         self._next = i + 1
+
+    def _starts_in_pure_noise(self, grid: torch.Tensor) -> bool:
+        """Does the grid start above ``SIGMA_MAX``, with a step to take before the last one?
+
+        Heun, PNDM and PLMS then make that first step first order (Euler, which is DDIM). Their corrections
+        combine eps from both ends of a step, and an x0 read off x at alpha_bar ~ 0 divides that mix by
+        sqrt(alpha_bar): from t = 999 of the cosine schedule (sigma ~ 2e4) to the next grid time (sigma ~ 6 at
+        10 steps) the change in eps is amplified ~1e4 times and the run explodes. A first-order step there is
+        what Karras et al.'s and DPM-Solver++'s first steps are too.
+        """
+        return len(grid) > 1 and _sigma(float(self.schedule.alpha_bar[grid[0]])) > SIGMA_MAX
 
     def _alpha_bar(self, t: int) -> float:
         return 1.0 if t < 0 else float(self.schedule.alpha_bar[t])
@@ -256,13 +268,20 @@ class EulerAncestralSampler(Sampler):
 class HeunSampler(Sampler):
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1, deterministic): an Euler step from sigma to sigma'
     (lines 3-5), then the model at the new point and a step with the average of both slopes (lines 6-8); the last
-    step, to sigma = 0, is Euler only. Evaluations: t_0, t_1, t_1, t_2, t_2, ..., t_{n-1} (2n - 1)."""
+    step, to sigma = 0, is Euler only. Evaluations: t_0, t_1, t_1, t_2, t_2, ..., t_{n-1} (2n - 1). From above
+    ``SIGMA_MAX`` the first step is Euler only too (:meth:`Sampler._starts_in_pure_noise`): 2n - 2 evaluations."""
 
     name = "heun"
 
     def _evaluations(self, grid):
-        inner = grid[1:].repeat_interleave(2)  # each inner time is evaluated twice: end of one step, start of the next
-        return torch.cat([grid[:1], inner]), torch.cat([inner, grid.new_tensor([-1])])
+        g, euler_only = [*grid.tolist(), -1], int(self._starts_in_pure_noise(grid))
+        plan = []  # (time evaluated, time the step goes to, stage)
+        for k in range(len(grid)):
+            plan.append((g[k], g[k + 1], "predict"))
+            if k >= euler_only and g[k + 1] >= 0:  # each inner time is evaluated again to correct the step
+                plan.append((g[k + 1], g[k + 1], "correct"))
+        self._stages = [stage for _, _, stage in plan]
+        return torch.tensor([t for t, _, _ in plan]), torch.tensor([t for _, t, _ in plan])
 
     def reset(self):
         super().reset()
@@ -275,7 +294,7 @@ class HeunSampler(Sampler):
         x0, _ = self.predict_x0_eps(model_output, i, x)
         x_ve = x * (1 + s**2) ** 0.5
         d = (x_ve - x0) / s  # the slope dx/dsigma at (x, sigma), eq. 3
-        if i % 2 == 0:  # Euler predictor (lines 3-5)
+        if self._stages[i] == "predict":  # Euler predictor (lines 3-5)
             self._start = (x_ve, s, d)
             prev = x_ve + (s_next - s) * d
         else:  # corrector with the mean slope (line 8); here s == s_next
@@ -325,6 +344,8 @@ class PNDMSampler(Sampler):
     midpoint and at t') warm up the 4th-order pseudo linear multistep (Adams-Bashforth) steps,
     eps' = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24 over the last four steps' eps. The midpoint of t and t' is
     t - (t - t') // 2; with fewer than 4 timesteps the last step is a multistep one of the order the history allows.
+    From above ``SIGMA_MAX`` the first step is a plain DDIM step and the method starts at t_1
+    (:meth:`Sampler._starts_in_pure_noise`).
     """
 
     name = "pndm"
@@ -332,17 +353,17 @@ class PNDMSampler(Sampler):
     ADAMS_BASHFORTH = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
     def _evaluations(self, grid):
-        g, n = [*grid.tolist(), -1], len(grid)
-        plan = []  # (time evaluated, time the step goes to, stage)
+        g, n, first = [*grid.tolist(), -1], len(grid), int(self._starts_in_pure_noise(grid))
+        plan = [(g[0], g[1], "ddim")] if first else []  # (time evaluated, time the step goes to, stage)
         if self.prk_warmup:
-            warmup = min(3, n - 1)
-            for k in range(warmup):
+            warmup = min(3, n - first - 1)
+            for k in range(first, first + warmup):
                 mid = g[k] - (g[k] - g[k + 1]) // 2
                 plan += [(g[k], mid, "rk1"), (mid, mid, "rk2"), (mid, g[k + 1], "rk3"), (g[k + 1], g[k + 1], "rk4")]
         else:
-            warmup = min(1, n - 1)
-            plan += [(g[0], g[1], "euler"), (g[1], g[1], "heun")] if warmup else []
-        plan += [(g[k], g[k + 1], "multistep") for k in range(warmup, n)]
+            warmup = min(1, n - first - 1)
+            plan += [(g[first], g[first + 1], "euler"), (g[first + 1], g[first + 1], "heun")] if warmup else []
+        plan += [(g[k], g[k + 1], "multistep") for k in range(first + warmup, n)]
         if self.schedule.alpha_bar[grid].min() == 0:
             raise ValueError(f"{self.name} needs alpha_bar > 0 at every timestep; this schedule reaches 0 at t = "
                              f"{self.schedule.num_steps - 1} (zero terminal SNR): start below it or use another sampler")
@@ -360,6 +381,8 @@ class PNDMSampler(Sampler):
         ab, ab_next = self.alpha_bars(i)
         x0, eps = self.predict_x0_eps(model_output, i, x)
         stage = self._stages[i]
+        if stage == "ddim":  # the first-order step out of pure noise, before the history starts
+            return StepOutput(_transfer(x, eps, ab, ab_next), x0)
         if stage in ("rk1", "euler"):  # first stage of a step: remember where it starts
             self._eps.append(eps)
             self._start, self._rk_sum = (x, ab), eps / 6
@@ -424,8 +447,8 @@ class SampleResult:
 
 @torch.no_grad()
 def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: torch.Tensor | None = None,
-           guidance_scale: float = 1.0, null_label: int | torch.Tensor | None = None, generator=None,
-           progress: bool = True, return_trajectory: bool = False,
+           guidance_scale: float = 1.0, generator=None, progress: bool = True, return_trajectory: bool = False, *,
+           null_label: int | torch.Tensor | None = None,
            on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
     """Run ``sampler`` from the noise ``x_T`` with ``model(x, t, class_labels)``, one step per model evaluation.
 

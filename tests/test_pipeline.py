@@ -68,7 +68,7 @@ def test_generate_equals_the_sampler_driven_by_hand_and_reports_what_it_did(unet
     x_T = randn((3, 1, 28, 28), generator=gens)
     sampler = get_sampler("ddim", S, 8, "trailing")
     labels, negative = torch.full((3,), class_index("sneaker")), torch.full((3,), class_index("sandal"))
-    expected = sample(unet_pipe.model, x_T, sampler, labels, 2.5, negative, gens, progress=False).images
+    expected = sample(unet_pipe.model, x_T, sampler, labels, 2.5, gens, progress=False, null_label=negative).images
     assert torch.equal(result.images, expected)
     assert result.labels.tolist() == [7, 7, 7] and result.seeds == [7, 8, 9]
     assert result.steps == 8 and result.nfe == 8 and result.seconds > 0 and result.config.sampler == "ddim"
@@ -147,8 +147,9 @@ def test_presets_generate(pipe, name):
 
 
 def test_nfe_counts_every_network_call(pipe):
-    assert pipe.generate(config(sampler="heun", steps=6), progress=False).nfe == 2 * 6 - 1  # Heun: 2 per step but the last
-    assert pipe.generate(config(sampler="pndm", steps=6), progress=False).nfe == get_sampler("pndm", S, 6).nfe
+    # Heun: 2 per step but the last, and (trailing: from t = T - 1, above SIGMA_MAX) the first
+    assert pipe.generate(config(sampler="heun", steps=6), progress=False).nfe == 2 * 6 - 2
+    assert pipe.generate(config(sampler="pndm", steps=6), progress=False).nfe == get_sampler("pndm", S, 6, "trailing").nfe
 
 
 def test_save_and_load_give_the_same_images(unet_pipe, tmp_path):

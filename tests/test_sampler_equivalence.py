@@ -30,6 +30,10 @@ Deliberate differences, each covered where the two agree and checked another way
 - Sigma-space schedulers start from x_T * init_noise_sigma, with init_noise_sigma = sigma_max for
   linspace and trailing; the x that corresponds to unit x_T is x_T * sqrt(1 + sigma_max^2), which we
   hand them.
+- From above SIGMA_MAX (sigma ~ 2e4 at t = T - 1 of the cosine schedule) our Heun, PNDM and PLMS take the first
+  step first order (lessons_lib.samplers.Sampler._starts_in_pure_noise), where diffusers' corrections blow up
+  (tests/test_samplers.py::test_higher_order_solvers_beat_euler measures both). There the reference is our DDIM
+  step to t_1, then the diffusers scheduler on t_1, ..., t_{n-1}.
 - diffusers' DDIM uses the unclipped eps after clipping x0 unless use_clipped_model_output=True; ours
   re-derives eps from the clipped x0 (as DDPM's mean does), which is that option.
 """
@@ -148,12 +152,20 @@ def exact(scheduler, schedule):
     return scheduler
 
 
-def set_walk(scheduler, n: int, sampler) -> None:
+def set_walk(scheduler, walk: torch.Tensor, timesteps: torch.Tensor) -> None:
     """Timesteps from the config's spacing; where they differ from ours (see the module docstring), ours."""
-    scheduler.set_timesteps(n)
-    if not torch.equal(scheduler.timesteps.double(), sampler.timesteps.double()):
-        scheduler.set_timesteps(timesteps=sampler.grid.tolist())
-    assert torch.equal(scheduler.timesteps.double(), sampler.timesteps.double())
+    scheduler.set_timesteps(len(walk))
+    if not torch.equal(scheduler.timesteps.double(), timesteps.double()):
+        scheduler.set_timesteps(timesteps=walk.tolist())
+    assert torch.equal(scheduler.timesteps.double(), timesteps.double())
+
+
+def reference_walk(sampler) -> tuple[torch.Tensor, int]:
+    """The grid the diffusers scheduler walks and how many of our evaluations come before it: all of ours, or,
+    where our Heun / PNDM / PLMS step out of pure noise first order, the grid after that step."""
+    if sampler.name in ("heun", "pndm", "plms") and sampler._starts_in_pure_noise(sampler.grid):
+        return sampler.grid[1:], 1
+    return sampler.grid, 0
 
 
 def x0_options(scheduler_cls, clip_x0: bool, threshold: float | None, threshold_max: float | None) -> dict:
@@ -181,6 +193,10 @@ def check(name: str, schedule_name: str, num_train_steps: int, spacing: str, n: 
               "timestep_spacing": spacing}
     x0_opts = lambda cls: x0_options(cls, clip_x0, dynamic_threshold, threshold_max)  # noqa: E731
     step_kwargs, x_start, correction = {}, x_T(), 0.0
+    walk, skipped = reference_walk(sampler)
+    if skipped:  # our first step is DDIM's (module docstring): the reference starts where it lands
+        ddim = get_sampler("ddim", s, timesteps=sampler.grid.tolist(), prediction=prediction, clip_x0=clip_x0)
+        x_start = sample(model, x_T(), ddim, progress=False, return_trajectory=True).trajectory[1]
     noise = NoiseQueue(sampler.nfe + 1)
     if name in NOISE:
         monkeypatch.setattr(samplers, "randn", noise.source())
@@ -200,7 +216,7 @@ def check(name: str, schedule_name: str, num_train_steps: int, spacing: str, n: 
             step_kwargs = {}
     elif name == "ddpm":
         ref = exact(DDPMScheduler(**config, variance_type=options.get("variance", "fixed_small"), **x0_opts(DDPMScheduler)), s)
-        set_walk(ref, n, sampler)
+        set_walk(ref, walk, sampler.timesteps)
         monkeypatch.setattr(scheduling_ddpm, "randn_tensor", noise.source())
         if int(sampler.grid[-1]) > 0 and options.get("variance") == "fixed_large":
             # diffusers adds noise to the final image here (its rule is "t > 0"); we return the mean
@@ -208,7 +224,7 @@ def check(name: str, schedule_name: str, num_train_steps: int, spacing: str, n: 
     elif name in ("euler", "heun"):
         cls = EulerDiscreteScheduler if name == "euler" else HeunDiscreteScheduler
         ref = exact(cls(**config, **({} if name == "euler" else x0_opts(cls))), s)
-        set_walk(ref, n, sampler)
+        set_walk(ref, walk, sampler.timesteps[skipped:])
         x_start = x_start * (1 + ref.sigmas[0].double() ** 2) ** 0.5
     elif name == "euler_ancestral":
         ref = exact(EulerAncestralDiscreteScheduler(**config), s)
@@ -224,23 +240,26 @@ def check(name: str, schedule_name: str, num_train_steps: int, spacing: str, n: 
             x_start = x_T()
     elif name == "dpmpp_2m":
         ref = exact(DPMSolverMultistepScheduler(**config, **x0_opts(DPMSolverMultistepScheduler)), s)
-        set_walk(ref, n, sampler)
+        set_walk(ref, walk, sampler.timesteps)
     else:  # pndm, plms: compared on the grids diffusers walks too
         ref = exact(PNDMScheduler(**config, skip_prk_steps=name == "plms", set_alpha_to_one=True), s)
-        ref.set_timesteps(n)
-        assert uniform_walk(sampler.grid, num_train_steps, n) and torch.equal(ref.timesteps, sampler.timesteps)
+        ref.set_timesteps(len(walk))
+        assert uniform_walk(walk, num_train_steps, len(walk)) and torch.equal(ref.timesteps, sampler.timesteps[skipped:])
 
     ours = run_ours(sampler, model, x_T())
     reference = run_reference(ref, model, x_start, **step_kwargs) - correction
     # diffusers keeps its sigmas (and Euler its x) in float32: x / sqrt(alpha_bar) ~ sigma_max x is off by a few
     # 2^-24 sigma_max, which the first x0 estimate keeps (sigma_max ~ 2000 for cosine at t = T - 1)
-    sigma_max = ((1 - s.alpha_bar[sampler.grid[0]]) / s.alpha_bar[sampler.grid[0]]).sqrt().item()
+    sigma_max = ((1 - s.alpha_bar[walk[0]]) / s.alpha_bar[walk[0]]).sqrt().item()
     assert relative_error(ours, reference) < 1e-4 + (8 * 2**-24 * sigma_max if hasattr(ref, "sigmas") else 0)
 
 
-def pndm_shares_grid(name: str, spacing: str, n: int) -> bool:
+def pndm_shares_grid(name: str, schedule_name: str, spacing: str, n: int) -> bool:
     """PNDM/PLMS configurations diffusers runs on our grid (its Runge-Kutta warm-up needs n >= 4)."""
-    return uniform_walk(make_timesteps(T, n, spacing), T, n) and (name == "plms" or (n >= 4 and T // n % 2 == 0))
+    walk, _ = reference_walk(get_sampler(name, schedule(schedule_name), n, spacing))
+    m = len(walk)  # diffusers builds its grid of m steps from the spacing: it must be the walk
+    warm_up_fits = name == "plms" or (m >= 4 and T // m % 2 == 0)
+    return torch.equal(make_timesteps(T, m, spacing), walk) and uniform_walk(walk, T, m) and warm_up_fits
 
 
 def grid():
@@ -249,7 +268,7 @@ def grid():
     for name in SAMPLERS:
         predictions = SUPPORTED.get(name, tuple(PREDICTIONS))
         for (i, schedule_name), (j, spacing), (k, n) in itertools.product(*map(enumerate, (BETAS, SPACINGS, COUNTS))):
-            if name in ("pndm", "plms") and not pndm_shares_grid(name, spacing, n):
+            if name in ("pndm", "plms") and not pndm_shares_grid(name, schedule_name, spacing, n):
                 continue
             yield pytest.param(name, schedule_name, spacing, n, predictions[(i + j + k) % len(predictions)],
                                id=f"{name}-{schedule_name}-{spacing}-{n}")
