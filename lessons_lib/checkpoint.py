@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .schedules import NoiseSchedule, schedule_record
 from .unet import UNet, UNetConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -65,6 +66,12 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             key = key.removeprefix(prefix)
         out[key] = value.detach().to("cpu").contiguous()
     return out
+
+
+def pipeline_record(schedule: NoiseSchedule, prediction: str, image_size: int, classes) -> dict:
+    """The ``pipeline`` section of a model's config.json: what sampling needs besides the network."""
+    return {"schedule": schedule_record(schedule), "prediction": prediction, "image_size": int(image_size),
+            "classes": list(classes)}
 
 
 def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None) -> Path:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import CheckpointError, load_pretrained, pipeline_record, save_pretrained
 from .data import FASHION_MNIST_CLASSES, to_model, to_uint8
 from .device import get_device, randn, sample_generators
 from .editing import Inpainter, embedding_model, img2img_steps, noise_to, slerp
 from .samplers import SAMPLERS, SPACINGS, get_sampler, make_timesteps, sample
-from .schedules import NoiseSchedule, get_schedule
+from .schedules import NoiseSchedule, get_schedule, schedule_from_record
 from .unet import UNet
 
 PRESETS = {  # quality presets: the sampler and number of steps a config leaves unset (steps capped at T)
@@ -125,18 +125,33 @@ class DiffusionPipeline:
     prediction: str = "eps"
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
     metadata: dict | None = None
+    image_size: int = 28
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> DiffusionPipeline:
+        """The pipeline saved in ``path``: network, schedule, prediction type, image size and class names.
+
+        Folders from before the ``pipeline`` section (which the trainer and :meth:`save_pretrained` write) are
+        read from their ``train`` section: Fashion-MNIST sizes and names.
+        """
         model, config = load_pretrained(path, device=get_device(device))
-        train = config.get("train", {})
-        schedule = get_schedule(train.get("schedule", "cosine"), train.get("num_steps", 1000),
-                                zero_terminal_snr=train.get("zero_terminal_snr", False))
-        return cls(model, schedule, train.get("prediction", "eps"), metadata=config)
+        if "pipeline" in config:
+            p = config["pipeline"]
+            return cls(model, schedule_from_record(p["schedule"]), p["prediction"], tuple(p["classes"]), config,
+                       p["image_size"])
+        if "train" not in config:
+            raise CheckpointError(f"{Path(path) / 'config.json'} has no 'pipeline' section (nor a trainer's 'train' "
+                                  "section): the schedule and prediction type are unknown. Save it with "
+                                  "DiffusionPipeline.save_pretrained or the trainer.")
+        train = config["train"]
+        schedule = get_schedule(train["schedule"], train["num_steps"], zero_terminal_snr=train.get("zero_terminal_snr", False))
+        return cls(model, schedule, train["prediction"], metadata=config)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return save_pretrained(self.model, path, metadata={k: v for k, v in (self.metadata or {}).items()
-                                                          if k not in ("model", "weights_sha256", "lessons_lib_version")})
+        """Weights + config.json with everything :meth:`from_pretrained` needs, and this pipeline's other metadata."""
+        kept = {k: v for k, v in (self.metadata or {}).items() if k not in ("model", "weights_sha256", "lessons_lib_version")}
+        record = pipeline_record(self.schedule, self.prediction, self.image_size, self.classes)
+        return save_pretrained(self.model, path, metadata={**kept, "pipeline": record})
 
     @property
     def device(self) -> torch.device:
@@ -144,8 +159,7 @@ class DiffusionPipeline:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        size = (self.metadata or {}).get("image_size", 28)
-        return self.model.config.in_channels, size, size
+        return self.model.config.in_channels, self.image_size, self.image_size
 
     def to(self, device: str | torch.device) -> DiffusionPipeline:
         self.model.to(get_device(device))

@@ -142,3 +142,25 @@ def get_schedule(name: str, num_steps: int = 1000, *, zero_terminal_snr: bool = 
             raise ValueError("zero_terminal_snr needs num_steps >= 2 (the first step must keep some signal)")
         betas, name = rescale_zero_terminal_snr(betas), f"{name}+ztsnr"
     return NoiseSchedule(betas, name)
+
+
+def schedule_record(schedule: NoiseSchedule) -> dict:
+    """How a saved config names ``schedule``: by name where :func:`get_schedule` rebuilds it bit for bit, else by
+    its betas too (custom betas, or a named schedule built with other keyword arguments)."""
+    base, zero_terminal_snr = schedule.name.removesuffix("+ztsnr"), schedule.name.endswith("+ztsnr")
+    record = {"name": base, "num_steps": schedule.num_steps, "zero_terminal_snr": zero_terminal_snr}
+    try:
+        rebuilt = get_schedule(base, schedule.num_steps, zero_terminal_snr=zero_terminal_snr).betas
+    except (ValueError, TypeError):  # "custom", or a name this version does not know
+        rebuilt = None
+    if rebuilt is not None and torch.equal(rebuilt, schedule.betas):
+        return record
+    return {**record, "betas": schedule.betas.tolist()}
+
+
+def schedule_from_record(record: dict) -> NoiseSchedule:
+    """The schedule :func:`schedule_record` describes."""
+    if "betas" in record:
+        name = record["name"] + ("+ztsnr" if record.get("zero_terminal_snr") else "")
+        return NoiseSchedule(torch.tensor(record["betas"], dtype=torch.float64), name=name)
+    return get_schedule(record["name"], record["num_steps"], zero_terminal_snr=record.get("zero_terminal_snr", False))

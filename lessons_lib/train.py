@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_state, save_pretrained
+from .checkpoint import atomic_write, load_state, pipeline_record, save_pretrained
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
 from .device import autocast_dtype, get_device, randn
@@ -464,7 +464,9 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     if dist.main:
         save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
         save_loss_csv(out_dir / LOSS_CSV, history)
-        save_pretrained(ema.module, out_dir, metadata={"train": cfg.to_dict(), "step": step, "weights": "ema"})
+        record = pipeline_record(schedule, cfg.prediction, images.shape[-1], dataset.classes)
+        save_pretrained(ema.module, out_dir,
+                        metadata={"pipeline": record, "train": cfg.to_dict(), "step": step, "weights": "ema"})
         if cfg.sample_every and step and not interrupted and _grid_path(out_dir, step) not in samples:
             samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))  # the end
     return TrainResult(model.eval(), ema.module.eval(), step, history, out_dir, interrupted, samples)  # ready to sample

@@ -153,12 +153,34 @@ def test_nfe_counts_every_network_call(pipe):
 
 
 def test_save_and_load_give_the_same_images(unet_pipe, tmp_path):
-    unet_pipe.metadata = {"train": preset("tiny").to_dict()}
-    unet_pipe.save_pretrained(tmp_path / "m")
+    unet_pipe.save_pretrained(tmp_path / "m")  # a pipeline built in code: no trainer metadata
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "m", device="cpu")
-    assert loaded.schedule.num_steps == T
+    assert torch.equal(loaded.schedule.betas, S.betas) and loaded.prediction == unet_pipe.prediction
     c = config(prompt=1, num_images=2)
     assert torch.equal(loaded.generate(c, progress=False).images, unet_pipe.generate(c, progress=False).images)
+
+
+@pytest.mark.parametrize("schedule", [get_schedule("linear", 50, beta_end=0.05),
+                                      get_schedule("sigmoid", 30, zero_terminal_snr=True)])
+def test_a_saved_pipeline_keeps_its_schedule_prediction_size_and_classes(schedule, tmp_path):
+    torch.manual_seed(0)
+    model = UNet(replace(preset("tiny").model, in_channels=3, num_classes=3)).eval()
+    pipe = DiffusionPipeline(model, schedule, "v", ("cat", "dog", "owl"), image_size=16)
+    loaded = DiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"), device="cpu")
+    assert torch.equal(loaded.schedule.betas, schedule.betas) and loaded.schedule.name == schedule.name
+    assert (loaded.prediction, loaded.classes, loaded.image_shape) == ("v", ("cat", "dog", "owl"), (3, 16, 16))
+    c = config(prompt="owl", num_images=2, steps=4)
+    assert torch.equal(loaded.generate(c, progress=False).images, pipe.generate(c, progress=False).images)
+
+
+def test_a_folder_without_schedule_or_prediction_is_refused(unet_pipe, tmp_path):
+    import json
+
+    path = unet_pipe.save_pretrained(tmp_path / "m")
+    config_file = path / "config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "pipeline"}))
+    with pytest.raises(ValueError, match="has no 'pipeline' section .*the schedule and prediction type are unknown"):
+        DiffusionPipeline.from_pretrained(path, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lessons_lib.schedules import SCHEDULES, NoiseSchedule, get_schedule, rescale_zero_terminal_snr
+from lessons_lib.schedules import (
+    SCHEDULES,
+    NoiseSchedule,
+    get_schedule,
+    rescale_zero_terminal_snr,
+    schedule_from_record,
+    schedule_record,
+)
 
 STEP_COUNTS = [1, 2, 7, 50, 1000]
 
@@ -111,3 +118,14 @@ def test_betas_outside_unit_interval_rejected():
 def test_ztsnr_needs_two_steps():
     with pytest.raises(ValueError, match="num_steps >= 2"):
         get_schedule("cosine", 1, zero_terminal_snr=True)
+
+
+@pytest.mark.parametrize("schedule", [get_schedule("cosine", 1000), get_schedule("linear", 1000, zero_terminal_snr=True),
+                                      get_schedule("linear", 20, beta_end=0.3), NoiseSchedule(torch.full((7,), 0.1))])
+def test_a_schedule_record_rebuilds_it_exactly(schedule):
+    import json
+
+    record = json.loads(json.dumps(schedule_record(schedule)))  # as a config.json holds it
+    assert ("betas" in record) == (schedule.name == "custom" or schedule.num_steps == 20)  # by name where the name suffices
+    rebuilt = schedule_from_record(record)
+    assert torch.equal(rebuilt.betas, schedule.betas) and rebuilt.name == schedule.name

@@ -15,6 +15,7 @@ from lessons_lib import train as T
 from lessons_lib.checkpoint import load_pretrained
 from lessons_lib.data import ImageDataset, find_fashion_mnist
 from lessons_lib.device import randn
+from lessons_lib.pipeline import DiffusionPipeline
 from lessons_lib.samplers import get_sampler, sample
 from lessons_lib.schedules import get_schedule
 from lessons_lib.unet import UNet
@@ -101,6 +102,9 @@ def test_resume_is_exact(tmp_path):
     for a, b in zip(model.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert config["step"] == 7 and config["weights"] == "ema"
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "b", device="cpu")  # what sampling needs comes with it
+    assert pipe.image_shape == (1, 16, 16) and pipe.classes == ds.classes and pipe.prediction == "eps"
+    assert torch.equal(pipe.schedule.betas, get_schedule("cosine", 100).betas)
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
