@@ -9,8 +9,12 @@ a machine busy with other work slows them alike and the ratios stay fair. Column
   before (torch formats only); on CPU, how far a fresh process's peak RSS rises above its RSS after
   imports when it loads the network and runs it at each batch size in ascending order (so the value
   for batch b covers every batch up to b; tracemalloc cannot see torch's or onnxruntime's allocations);
-- ``max err``: max |output - eager fp32 output| on the same inputs;
-- ``speedup``: eager fp32 ms/call divided by this row's, measured in the same run.
+- ``max err``: max |output - eager fp32 output| on the same inputs: points of the model's own DDIM sampling
+  path (every noise level; another seed than the int8 calibration's), the inputs a network meets in use;
+- ``speedup``: eager fp32 ms/call divided by this row's, measured in the same run;
+- ``FID`` (with ``fid_images=N``): the course's FID (:mod:`lessons_lib.metrics`, against the Fashion-MNIST test
+  split) of N class-balanced ``steps``-step DDIM samples drawn with this network from the same seeds as eager
+  fp32's, and its change relative to eager fp32's: what a precision costs in quality.
 
 ``python -m lessons_lib bench --random-preset cpu`` measures the cpu preset's U-Net with random weights
 (speed does not depend on the weights); ``--json`` prints the rows as JSON.
@@ -29,11 +33,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import save_pretrained
 from .device import get_device, randn
-from .export import DTYPES, FORMATS, export_all, load_exported, supported
+from .export import DTYPES, FORMATS, calibration_inputs, export_all, load_exported, supported
 from .pipeline import DiffusionPipeline
 from .samplers import get_sampler, sample
 
@@ -50,6 +55,8 @@ class BenchRow:
     peak_mb: float | None
     max_abs_err: float
     speedup: float
+    fid: float | None = None  # of fid_images samples drawn with this network (None: not measured)
+    fid_change: float | None = None  # fid / eager fp32's fid - 1
 
 
 def default_precisions(device: torch.device) -> tuple[str, ...]:
@@ -83,12 +90,28 @@ def _timed(device: torch.device, fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def _inputs(pipe: DiffusionPipeline, batch: int, device: torch.device, seed: int = 0):
-    cfg, g = pipe.model.config, torch.Generator().manual_seed(seed)
-    x = randn((batch, *pipe.image_shape), generator=g, device=device)
-    t = torch.randint(0, pipe.schedule.num_steps, (batch,), generator=g).to(device)
-    labels = torch.randint(0, cfg.num_classes + 1, (batch,), generator=g).to(device) if cfg.num_classes else None
-    return x, t, labels
+def _inputs(pipe: DiffusionPipeline, batch: int, device: torch.device, seed: int = 1000):
+    """(x, t, labels) the network meets while sampling: image i at step i % 10 of a 10-step DDIM run of its own."""
+    steps = calibration_inputs(pipe, n=batch, steps=10, seed=seed)  # not the int8 calibration's seed (0)
+    chosen = [steps[i % len(steps)] for i in range(batch)]
+    x, t, labels = (torch.from_numpy(np.stack([c[key][i] for i, c in enumerate(chosen)])) for key in ("x", "t", "class_labels"))
+    return x.to(device), t.long().to(device), labels.long().to(device) if pipe.model.config.num_classes else None
+
+
+def _fids(nets: dict, pipe: DiffusionPipeline, n: int, sampler, batch_size: int = 100) -> dict:
+    """The course's FID of ``n`` samples of every network: image i of class i % 10 from seed i, the same for all."""
+    from .metrics import evaluate  # the classifier and the test split are loaded only when asked for
+
+    cfg, device = pipe.model.config, next(pipe.model.parameters()).device
+    labels = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
+    x_T = randn((n, *pipe.image_shape), seed=0)
+    fids = {}
+    for key, net in nets.items():
+        parts = [sample(net, x_T[i:i + batch_size].to(device), sampler,
+                        None if labels is None else labels[i:i + batch_size].to(device), progress=False).images.cpu()
+                 for i in range(0, n, batch_size)]
+        fids[key] = evaluate(torch.cat(parts), reference="test", labels=labels).fid
+    return fids
 
 
 def _cuda_peak_mb(net, args, device: torch.device) -> float:
@@ -177,10 +200,11 @@ def _measure(nets: dict, args: tuple, sampler, repeats: int, device: torch.devic
 
 def bench(pipe: DiffusionPipeline, formats=(EAGER, *FORMATS), precisions=None, batch_sizes=(1, 16), repeats: int = 10,
           steps: int = 20, device: str | torch.device | None = None, threads: int | None = None, memory: bool = True,
-          work_dir: str | Path | None = None, log=print) -> list[BenchRow]:
+          work_dir: str | Path | None = None, log=print, fid_images: int = 0) -> list[BenchRow]:
     """Export ``pipe`` to every supported (format, precision), then time everything against eager fp32.
 
     ``repeats`` timed calls per network and batch size (and ``repeats // 5`` samples, at least one).
+    ``fid_images``: also score ``fid_images`` samples of every network with the course's FID (0: skip).
     ``threads``: torch and onnxruntime intra-op threads (default: their own). ``work_dir``: keep the
     artifacts there (default: a temporary folder). ``log``: progress lines (None: quiet).
     """
@@ -191,6 +215,8 @@ def bench(pipe: DiffusionPipeline, formats=(EAGER, *FORMATS), precisions=None, b
         raise ValueError(f"unknown formats {unknown}; allowed: {', '.join((EAGER, *FORMATS))}")
     if repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"repeats and every batch size must be >= 1, got repeats={repeats}, batch sizes {list(batch_sizes)}")
+    if fid_images < 0 or fid_images == 1:
+        raise ValueError(f"fid_images must be 0 (skip) or at least 2 (a covariance needs two samples), got {fid_images}")
     log = log or (lambda *_: None)
     if threads:
         torch.set_num_threads(threads)
@@ -203,6 +229,10 @@ def bench(pipe: DiffusionPipeline, formats=(EAGER, *FORMATS), precisions=None, b
             log("measuring memory in fresh processes ...")
             size = pipe.image_shape[-1]
             peaks = {key: _cpu_peak_mb(targets[key], key[1], size, list(batch_sizes), threads) for key in nets}
+        fids = {}
+        if fid_images:
+            log(f"FID of {fid_images} samples of each of {len(nets)} networks ...")
+            fids = _fids(nets, pipe, fid_images, sampler)
         for batch in batch_sizes:
             log(f"batch {batch}: {len(nets)} networks x {repeats} calls, then {steps}-step samples, in turns ...")
             args = _inputs(pipe, batch, device)
@@ -211,19 +241,24 @@ def bench(pipe: DiffusionPipeline, formats=(EAGER, *FORMATS), precisions=None, b
                 peak = peaks.get(key, {}).get(batch)
                 if memory and device.type == "cuda" and key[0] != "onnx":
                     peak = _cuda_peak_mb(net, args, device)
+                fid = fids.get(key)
                 rows.append(BenchRow(key[0], key[1], batch, call_s[key] * 1e3, batch / sample_s[key], peak, errors[key],
-                                     call_s[EAGER, "fp32"] / call_s[key]))
+                                     call_s[EAGER, "fp32"] / call_s[key], fid,
+                                     None if fid is None else fid / fids[EAGER, "fp32"] - 1))
     return rows
 
 
 def table(rows: list[BenchRow]) -> str:
-    """The rows as a markdown table."""
-    lines = ["| format | precision | batch | ms/call | img/s (DDIM) | peak MB | max err | speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """The rows as a markdown table (FID columns only when they were measured)."""
+    with_fid = any(r.fid is not None for r in rows)
+    lines = ["| format | precision | batch | ms/call | img/s (DDIM) | peak MB | max err | speedup |"
+             + (" FID | FID change |" if with_fid else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_fid else "")]
     for r in rows:
         peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
+        fid = f" {r.fid:.2f} | {r.fid_change:+.1%} |" if r.fid is not None else (" - | - |" if with_fid else "")
         lines.append(f"| {r.format} | {r.precision} | {r.batch} | {r.ms_per_call:.1f} | {r.images_per_s:.1f} | {peak} | "
-                     f"{r.max_abs_err:.1e} | {r.speedup:.2f}x |")
+                     f"{r.max_abs_err:.1e} | {r.speedup:.2f}x |{fid}")
     return "\n".join(lines)
 
 

@@ -87,7 +87,8 @@ def _bench(args) -> int:
     try:
         device = get_device(args.device)
         rows = bench(pipe, args.formats, args.precisions, args.batch_sizes, args.repeats, args.steps, device, args.threads,
-                     memory=not args.no_memory, work_dir=args.out_dir, log=lambda line: print(line, file=sys.stderr))
+                     memory=not args.no_memory, work_dir=args.out_dir, log=lambda line: print(line, file=sys.stderr),
+                     fid_images=args.fid_images)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
@@ -414,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch and onnxruntime intra-op threads")
     p.add_argument("--device")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (CPU: one process per network)")
+    p.add_argument("--fid-images", type=int, default=1000,
+                   help="score this many DDIM samples of every network with the course's FID (0: skip; needs Fashion-MNIST)")
     p.add_argument("--out-dir", help="keep the artifacts here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(run=_bench)

@@ -12,6 +12,7 @@ import torch
 
 from lessons_lib import export as E
 from lessons_lib.cli import main
+from lessons_lib.data import find_fashion_mnist
 from lessons_lib.device import randn
 from lessons_lib.pipeline import DiffusionPipeline
 from lessons_lib.samplers import get_sampler, sample
@@ -204,12 +205,15 @@ def test_export_command_writes_artifacts_and_names_what_it_skips(tmp_path, capsy
     assert "config.json not found" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(find_fashion_mnist("test") is None, reason="the FID column needs the Fashion-MNIST test split")
 def test_bench_command_reports_every_row_as_json(capsys):
     code = main(["bench", "--random-preset", "tiny", "--formats", "eager", "torch_export", "--precisions", "fp32",
-                 "--batch-sizes", "1", "3", "--repeats", "2", "--steps", "2", "--json"])
+                 "--batch-sizes", "1", "3", "--repeats", "2", "--steps", "2", "--fid-images", "40", "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and [(r["format"], r["batch"]) for r in rows] == [("eager", 1), ("torch_export", 1), ("eager", 3),
                                                                       ("torch_export", 3)]
     for r in rows:
         assert r["ms_per_call"] > 0 and r["images_per_s"] > 0 and r["peak_mb"] >= 0 and r["max_abs_err"] < 1e-4
         assert r["speedup"] == 1.0 if r["format"] == "eager" else r["speedup"] > 0
+        assert r["fid"] > 0 and abs(r["fid_change"]) < 1e-3  # the same network (up to 1e-4) draws the same images
+    assert [r["fid"] for r in rows[:2]] == [r["fid"] for r in rows[2:]]  # one FID per network, whatever the batch
