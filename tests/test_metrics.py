@@ -244,13 +244,14 @@ def test_cli_evaluate_npz(tmp_path, capsys):
 @needs_real
 def test_cli_evaluate_samples_a_checkpoint_per_class(tmp_path, capsys):
     """--checkpoint: a class-conditional model is sampled one class per call, classes 0..9 in turn."""
-    from lessons_lib.checkpoint import save_pretrained
+    from lessons_lib.pipeline import DiffusionPipeline
+    from lessons_lib.schedules import get_schedule
     from lessons_lib.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     unet = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(False, True),
                            num_heads=2, num_classes=10, dropout=0.0))
-    save_pretrained(unet, tmp_path / "tiny", metadata={"train": {"schedule": "cosine", "num_steps": 100}})
+    DiffusionPipeline(unet.eval(), get_schedule("cosine", 100)).save_pretrained(tmp_path / "tiny")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "tiny"), "--n", "4", "--steps", "2",
                  "--n-reference", "200", "--no-progress"]) == 0  # classes 0, 1, 2, 3: one image each
     out = capsys.readouterr().out
