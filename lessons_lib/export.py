@@ -59,14 +59,59 @@ class NetSignature(nn.Module):
     an export cannot trace (out-of-range labels still fail in the lookup, and the runner checks them).
     """
 
+    channels_last = False  # NHWC activations inside (set by _signature on CPU); the output is NCHW either way
+
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        if self.unet.class_emb is None:
-            return self.unet(x, t)
-        return self.unet(x, t, class_embedding=self.unet.class_emb(class_labels))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        emb = None if self.unet.class_emb is None else self.unet.class_emb(class_labels)
+        out = self.unet(x, t) if emb is None else self.unet(x, t, class_embedding=emb)
+        return out.contiguous()
+
+
+class MomentGroupNorm(nn.Module):
+    """``nn.GroupNorm`` (Wu & He 2018, eq. 1-2) computed from per-channel moments: same weights, same output.
+
+    Per-channel means of x and x^2 over H x W come first, then a (C, G) matrix averages them within
+    each group and Var = E[x^2] - E[x]^2. On a CPU the usual kernels are slow for this U-Net's narrow
+    groups (3 channels in a group of 96): onnxruntime runs GroupNorm as Reshape + InstanceNormalization
+    outside its blocked convolution layout, and inductor's channels_last kernel reduces runs of 3
+    contiguous floats. Here the big reductions and the scale-and-shift run along whole channel rows.
+    Moments are taken in fp32 whatever the dtype of x.
+    """
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        if not norm.affine:
+            raise ValueError("MomentGroupNorm replaces an affine GroupNorm (the U-Net's are all affine)")
+        c, g = norm.num_channels, norm.num_groups
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        member = (torch.arange(c, device=norm.weight.device)[:, None] // (c // g)
+                  == torch.arange(g, device=norm.weight.device)).float()  # (C, G): is channel c in group g
+        self.register_buffer("to_group", member / (c // g), persistent=False)  # channel means -> group means
+        self.register_buffer("to_channel", member.T.contiguous(), persistent=False)  # group values -> channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        mean = xf.mean((2, 3)) @ self.to_group  # (B, G): mu of each group
+        var = ((xf * xf).mean((2, 3)) @ self.to_group - mean * mean).clamp_min(0)  # sigma^2 = E[x^2] - mu^2
+        scale = (torch.rsqrt(var + self.eps) @ self.to_channel) * self.weight  # (B, C): gamma / sqrt(sigma^2 + eps)
+        shift = self.bias - (mean @ self.to_channel) * scale  # beta - mu gamma / sqrt(sigma^2 + eps)
+        return (xf * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+
+
+def use_moment_group_norms(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.GroupNorm`` inside ``module`` (in place) by a :class:`MomentGroupNorm` sharing its weights."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, MomentGroupNorm(child))
+        else:
+            use_moment_group_norms(child)
+    return module
 
 
 def artifact_name(fmt: str, precision: str) -> str:
@@ -107,10 +152,32 @@ def _check_supported(fmt: str, precision: str, device: torch.device) -> None:
         raise ValueError(f"cannot export {fmt} at {precision} on {device.type}: {reason}")
 
 
-def _signature(pipe: DiffusionPipeline, precision: str, device: torch.device) -> tuple[NetSignature, tuple, tuple]:
-    """An eval-mode copy of the pipeline's U-Net in ``precision`` on ``device``, example inputs, dynamic shapes."""
+# Rewrites of the network for CPU deployment, per format: the outputs stay the same (to ~1e-6, checked by
+# tests/test_export.py); measured on the shipped U-Net, batch 16, 2 cores, ms per call against eager.
+# - "channels_last": NHWC weights and activations. oneDNN's NCHW convolutions reorder their input to
+#   a blocked layout and back at every call; NHWC ones do not. ONNX has no memory order (onnxruntime
+#   picks its own layouts), so it is not applied there.
+# - "moment_norms": GroupNorm as MomentGroupNorm. Faster where a compiler fuses its steps (AOTInductor,
+#   onnxruntime: ~10% of the call); slower where each step is its own kernel call (torch.export's
+#   program, TorchScript), so not applied there.
+# AOTInductor: ~1.0x eager -> ~1.6x with both; ONNX ~1.4x -> ~1.5x; torch.export ~1.0x -> ~1.2x;
+# TorchScript ~1.05x -> ~1.35x. On CUDA the network is exported as it is.
+CPU_REWRITES = {"torch_export": ("channels_last",), "aoti": ("channels_last", "moment_norms"),
+                "onnx": ("moment_norms",), "torchscript": ("channels_last",)}
+
+
+def _signature(pipe: DiffusionPipeline, precision: str, device: torch.device,
+               fmt: str) -> tuple[NetSignature, tuple, tuple]:
+    """An eval-mode copy of the pipeline's U-Net for ``fmt`` in ``precision`` on ``device`` (with its
+    :data:`CPU_REWRITES` on a CPU), example inputs, dynamic shapes."""
     cfg = pipe.model.config
     net = NetSignature(copy.deepcopy(pipe.model)).to(device, DTYPES[precision]).eval()
+    rewrites = CPU_REWRITES[fmt] if device.type == "cpu" else ()
+    if "moment_norms" in rewrites:
+        use_moment_group_norms(net)
+    if "channels_last" in rewrites:
+        net.unet.to(memory_format=torch.channels_last)
+        net.channels_last = True
     x = randn((EXAMPLE_BATCH, *pipe.image_shape), seed=0, device=device, dtype=DTYPES[precision])
     t = torch.tensor([pipe.schedule.num_steps - 1, 0], dtype=torch.float32, device=device)
     labels = torch.tensor([0, cfg.num_classes or 0], device=device)
@@ -118,8 +185,9 @@ def _signature(pipe: DiffusionPipeline, precision: str, device: torch.device) ->
     return net, (x, t, labels), ({0: batch}, {0: batch}, {0: batch})
 
 
-def _exported_program(pipe: DiffusionPipeline, precision: str, device: torch.device) -> torch.export.ExportedProgram:
-    net, example, dynamic = _signature(pipe, precision, device)
+def _exported_program(pipe: DiffusionPipeline, precision: str, device: torch.device,
+                      fmt: str) -> torch.export.ExportedProgram:
+    net, example, dynamic = _signature(pipe, precision, device, fmt)
     with torch.no_grad():
         return torch.export.export(net, example, dynamic_shapes=dynamic)
 
@@ -147,7 +215,7 @@ def export_torch_export(pipe: DiffusionPipeline, path: str | Path, precision: st
     """Save the network as a ``torch.export`` program (``.pt2``)."""
     path, device = Path(path), get_device(device)
     _check_supported("torch_export", precision, device)
-    program = _exported_program(pipe, precision, device)
+    program = _exported_program(pipe, precision, device, "torch_export")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: torch.export.save warns about names not ending in .pt2
@@ -162,7 +230,7 @@ def export_aoti(pipe: DiffusionPipeline, path: str | Path, precision: str = "fp3
     """Compile the network with AOTInductor into a ``.pt2`` package (minutes on a CPU; max-autotune off)."""
     path, device = Path(path), get_device(device)
     _check_supported("aoti", precision, device)
-    program = _exported_program(pipe, precision, device)
+    program = _exported_program(pipe, precision, device, "aoti")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -179,7 +247,7 @@ def export_onnx(pipe: DiffusionPipeline, path: str | Path, precision: str = "fp3
     if precision == "int8":
         raise ValueError("int8 ONNX is made by quantize_int8 (onnxruntime quantization of an fp32 export)")
     _check_supported("onnx", precision, device)
-    net, example, dynamic = _signature(pipe, precision, device)
+    net, example, dynamic = _signature(pipe, precision, device, "onnx")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*The axis name: batch will not be used")  # x, t and labels share one batch Dim
         program = torch.onnx.export(net, example, dynamo=True, dynamic_shapes=dynamic, input_names=INPUT_NAMES,
@@ -195,7 +263,7 @@ def export_torchscript(pipe: DiffusionPipeline, path: str | Path, precision: str
                   "prefer export_torch_export or export_aoti", FutureWarning, stacklevel=2)
     path, device = Path(path), get_device(device)
     _check_supported("torchscript", precision, device)
-    net, example, _ = _signature(pipe, precision, device)
+    net, example, _ = _signature(pipe, precision, device, "torchscript")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's own deprecation warnings: said once above
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the U-Net's input checks, traced as constants

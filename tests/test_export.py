@@ -162,6 +162,37 @@ def test_export_all_skips_what_the_device_cannot_hold(tmp_path, monkeypatch):
     assert set(result.skipped) == {("torch_export", "fp16"), ("torch_export", "int8")}
 
 
+@pytest.mark.parametrize("channels, groups", [(96, 32), (64, 16), (16, 4), (8, 1)])
+def test_moment_group_norm_is_group_norm(channels, groups):
+    """Against nn.GroupNorm in float64, on inputs far from zero mean (E[x^2] - mu^2 loses digits there)."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, channels)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = 20 + 3 * torch.randn(4, channels, 7, 5)
+    want = norm.double()(x.double())
+    moment = E.MomentGroupNorm(norm.float())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = moment(x.contiguous(memory_format=layout))
+        assert got.dtype == torch.float32 and float((got.double() - want).abs().max()) < 1e-4, layout
+    assert relative_error(E.MomentGroupNorm(norm.bfloat16())(x.bfloat16()), want.float()) < NET_TOLERANCE["bf16"]
+    with pytest.raises(ValueError, match="affine"):
+        E.MomentGroupNorm(torch.nn.GroupNorm(groups, channels, affine=False))
+
+
+@pytest.mark.parametrize("fmt", E.FORMATS)
+def test_cpu_rewrites_keep_the_network_and_leave_the_original_alone(fmt):
+    """Each format's rewritten copy (CPU_REWRITES) gives the U-Net's output; the pipeline's own model is untouched."""
+    pipe = tiny_pipe()
+    net, (x, t, labels), _ = E._signature(pipe, "fp32", torch.device("cpu"), fmt)
+    norms = [type(m) for m in net.modules() if isinstance(m, (torch.nn.GroupNorm, E.MomentGroupNorm))]
+    assert norms and set(norms) == {E.MomentGroupNorm if "moment_norms" in E.CPU_REWRITES[fmt] else torch.nn.GroupNorm}
+    assert net.channels_last == ("channels_last" in E.CPU_REWRITES[fmt])
+    assert not any(isinstance(m, E.MomentGroupNorm) for m in pipe.model.modules())
+    with torch.no_grad():
+        got, want = net(x, t, labels), pipe.model(x, t, labels)
+    assert got.is_contiguous() and relative_error(got, want) < 1e-5
+
+
 def test_aoti_package_matches_eager_and_samples_standalone(tmp_path):
     """AOTInductor compiles C++ for a minute or two: one test, tiny model, fp32."""
     pipe = tiny_pipe()
