@@ -78,9 +78,9 @@ class MomentGroupNorm(nn.Module):
 
     Per-channel means of x and x^2 over H x W come first, then a (C, G) matrix averages them within
     each group and Var = E[x^2] - E[x]^2. On a CPU the usual kernels are slow for this U-Net's narrow
-    groups (3 channels in a group of 96): onnxruntime runs GroupNorm as Reshape + InstanceNormalization
-    outside its blocked convolution layout, and inductor's channels_last kernel reduces runs of 3
-    contiguous floats. Here the big reductions and the scale-and-shift run along whole channel rows.
+    groups (4 to 6 channels each): onnxruntime runs GroupNorm as Reshape + InstanceNormalization outside
+    its blocked convolution layout, and inductor's channels_last kernel reduces runs of 4 to 6 contiguous
+    floats. Here the two big reductions and the scale-and-shift run along whole rows of channels.
     Moments are taken in fp32 whatever the dtype of x.
     """
 

@@ -162,7 +162,7 @@ def test_export_all_skips_what_the_device_cannot_hold(tmp_path, monkeypatch):
     assert set(result.skipped) == {("torch_export", "fp16"), ("torch_export", "int8")}
 
 
-@pytest.mark.parametrize("channels, groups", [(96, 32), (64, 16), (16, 4), (8, 1)])
+@pytest.mark.parametrize("channels, groups", [(96, 16), (128, 32), (16, 4), (8, 1)])
 def test_moment_group_norm_is_group_norm(channels, groups):
     """Against nn.GroupNorm in float64, on inputs far from zero mean (E[x^2] - mu^2 loses digits there)."""
     torch.manual_seed(0)
