@@ -59,11 +59,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip ``_orig_mod.`` / ``module.`` prefixes and move tensors to contiguous CPU memory."""
+    """Strip ``_orig_mod.`` / ``module.`` prefixes, nested in any order, and move tensors to contiguous CPU memory."""
     out = {}
     for key, value in state.items():
-        for prefix in _PREFIXES:
-            key = key.removeprefix(prefix)
+        while key.startswith(_PREFIXES):  # e.g. module._orig_mod. (DDP around a compiled model)
+            key = key.split(".", 1)[1]
         out[key] = value.detach().to("cpu").contiguous()
     return out
 

@@ -20,6 +20,8 @@ Formats (one function each):
 Precisions: ``fp32`` everywhere; ``fp16`` on CUDA; ``bf16`` for the torch formats on CUDA and on CPU
 (it runs there, but without native bf16 instructions it is slower than fp32); ``int8`` for CPU via
 onnxruntime quantization (see :func:`quantize_int8`). :func:`supported` says why a combination is not.
+For a CPU, each format traces a copy of the U-Net rewritten for speed with the same outputs
+(:data:`CPU_REWRITES`: channels_last, GroupNorm from per-channel moments).
 Agreement with the eager model (tests/test_export.py, random tiny U-Net, max abs error relative to the
 output's max abs): fp32 1e-4, fp16 / bf16 3e-2, int8 0.25 (int8 is a speed/size trade, checked loosely).
 """

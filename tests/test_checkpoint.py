@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lessons_lib.checkpoint import CheckpointError, atomic_write, load_pretrained, load_state, save_pretrained, sha256_file
+from lessons_lib.checkpoint import CheckpointError, atomic_write, clean_state_dict, load_pretrained, load_state, save_pretrained, sha256_file
 from lessons_lib.config import REPO_ROOT
 from lessons_lib.unet import UNet, UNetConfig
 
@@ -53,6 +53,12 @@ def test_load_state_names_bad_keys_and_strips_prefixes():
     state["head.2.bias"] = torch.zeros(5)
     with pytest.raises(CheckpointError, match=r"missing keys \['stem.weight'\].*unexpected keys \['extra.weight'\].*head.2.bias"):
         load_state(model, state)
+
+
+def test_clean_state_dict_strips_nested_wrapper_prefixes_in_one_pass():
+    value = torch.zeros(2)
+    state = {"module._orig_mod.stem.weight": value, "_orig_mod.module._orig_mod.head.2.bias": value, "up.0.module": value}
+    assert list(clean_state_dict(state)) == ["stem.weight", "head.2.bias", "up.0.module"]
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
