@@ -8,7 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lessons_lib.checkpoint import CheckpointError, atomic_write, clean_state_dict, load_pretrained, load_state, save_pretrained, sha256_file
+from lessons_lib.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    clean_state_dict,
+    load_pretrained,
+    load_state,
+    save_pretrained,
+    sha256_file,
+)
 from lessons_lib.config import REPO_ROOT
 from lessons_lib.unet import UNet, UNetConfig
 
