@@ -1,9 +1,10 @@
 """How fast is each exported network? A table of format x precision x batch size, against eager PyTorch.
 
-For every batch size, all the networks (eager included) are timed in turns, call after call, so that
-a machine busy with other work slows them alike and the ratios stay fair. Columns:
+For every batch size, all the networks (eager included) are timed in turns of a few consecutive calls
+each, so that a machine busy with other work slows them alike and the ratios stay fair. Columns:
 
-- ``ms/call``: median wall time of one network call over ``repeats`` calls (after two warm-up calls);
+- ``ms/call``: median wall time of one network call over ``repeats`` calls (after a warm-up call, and one
+  untimed call at the start of each turn);
 - ``img/s``: images per second of a full ``steps``-step DDIM sample (the library's sampling loop);
 - ``peak MB``: on CUDA, ``torch.cuda.max_memory_allocated`` over one call above what was allocated
   before (torch formats only); on CPU, how far a fresh process's peak RSS rises above its RSS after
@@ -43,6 +44,7 @@ from .pipeline import DiffusionPipeline
 from .samplers import get_sampler, sample
 
 EAGER = "eager"
+CALLS_PER_TURN = 5  # consecutive timed calls of one network before the next network's turn
 
 
 @dataclass
@@ -182,15 +184,20 @@ def _networks(pipe: DiffusionPipeline, formats, precisions, device: torch.device
 
 
 def _measure(nets: dict, args: tuple, sampler, repeats: int, device: torch.device) -> tuple[dict, dict, dict]:
-    """Max error vs eager fp32, seconds per call and per sample of every network, timed in turns."""
+    """Max error vs eager fp32, seconds per call and per sample of every network, timed in turns.
+
+    Calls are timed in turns of ``CALLS_PER_TURN`` consecutive calls of one network, after one untimed call:
+    a sampler calls one network again and again, while the first call after another runtime ran also pays
+    to wake this one's threads (onnxruntime's pool and OpenMP's are different threads on the same cores).
+    """
     reference = nets[EAGER, "fp32"](*args).float()
     errors = {key: float((net(*args).float() - reference).abs().max()) for key, net in nets.items()}  # first warm-up
-    for net in nets.values():
-        net(*args)  # second warm-up call
     calls, samples = {key: [] for key in nets}, {key: [] for key in nets}
-    for _ in range(repeats):
+    for turn in range(-(-repeats // CALLS_PER_TURN)):
         for key, net in nets.items():
-            calls[key].append(_timed(device, net, *args))
+            net(*args)  # untimed: the switch from the previous network
+            for _ in range(min(CALLS_PER_TURN, repeats - turn * CALLS_PER_TURN)):
+                calls[key].append(_timed(device, net, *args))
     for _ in range(max(1, repeats // 5)):
         for key, net in nets.items():
             samples[key].append(_timed(device, sample, net, args[0], sampler, args[2], progress=False))
