@@ -2,9 +2,10 @@
 ``moment_norms`` (see ``lessons_lib.export.CPU_REWRITES``), against eager PyTorch in the same run.
 
 For each format, every combination of the two rewrites (ONNX has no memory order, so ``channels_last`` is not
-tried there) is exported from the shipped model, checked against eager fp32, then all networks and eager are
-called in turns, call after call, so that a busy machine slows them alike. The table gives the median ms per
-call, the speedup over eager and the max |output - eager|; ``*`` marks the combination the library uses.
+tried there) is exported from the shipped model and checked against eager fp32. Then all networks and eager
+are timed in turns of a few calls each, as ``python -m lessons_lib bench`` does (``bench.time_in_turns``).
+The table gives the median ms per call, the speedup over eager and the max |output - eager|; ``*`` marks the
+combination the library uses.
 
 Run from the repository root:  python benchmarks/export_rewrites.py [--batch-size 16] [--repeats 20] [--no-aoti]
 (AOTInductor compiles C++ for each combination: about half a minute each on 2 cores.)
@@ -15,9 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -25,7 +24,7 @@ from unittest import mock
 import torch
 
 from lessons_lib import export as E
-from lessons_lib.bench import _eager, _inputs
+from lessons_lib.bench import CALLS_PER_TURN, _eager, _inputs, time_in_turns
 from lessons_lib.config import PRETRAINED_MODEL
 from lessons_lib.pipeline import DiffusionPipeline
 
@@ -62,18 +61,10 @@ def main() -> None:
                     E.EXPORTERS[fmt](pipe, path, "fp32", device)
                 nets[fmt, rewrites] = E.load_exported(path)
                 errors[fmt, rewrites] = float((nets[fmt, rewrites](x, t, labels) - want).abs().max())
-        times = {key: [] for key in nets}
-        for net in nets.values():  # warm-up
-            net(x, t, labels)
-        for _ in range(args.repeats):
-            for key, net in nets.items():
-                start = time.perf_counter()
-                net(x, t, labels)
-                times[key].append(time.perf_counter() - start)
-    ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+        ms = {key: seconds * 1e3 for key, seconds in time_in_turns(nets, (x, t, labels), args.repeats, device).items()}
     base = ms["eager", ()]
     print(f"\nshipped U-Net, batch {args.batch_size}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}; "
-          f"medians of {args.repeats} calls in turns\n")
+          f"medians of {args.repeats} calls, in turns of {CALLS_PER_TURN}\n")
     print("| format | rewrites | ms/call | speedup vs eager | max err |")
     print("|---|---|---:|---:|---:|")
     for (fmt, rewrites), value in ms.items():

@@ -183,26 +183,31 @@ def _networks(pipe: DiffusionPipeline, formats, precisions, device: torch.device
     return nets, targets
 
 
-def _measure(nets: dict, args: tuple, sampler, repeats: int, device: torch.device) -> tuple[dict, dict, dict]:
-    """Max error vs eager fp32, seconds per call and per sample of every network, timed in turns.
+def time_in_turns(nets: dict, args: tuple, repeats: int, device: torch.device) -> dict:
+    """Median seconds per call of every network on ``args``: ``repeats`` timed calls each, in turns.
 
-    Calls are timed in turns of ``CALLS_PER_TURN`` consecutive calls of one network, after one untimed call:
-    a sampler calls one network again and again, while the first call after another runtime ran also pays
-    to wake this one's threads (onnxruntime's pool and OpenMP's are different threads on the same cores).
+    A turn is one untimed call, then up to ``CALLS_PER_TURN`` timed consecutive calls of one network. A
+    sampler calls one network again and again; the first call after another runtime ran also pays to wake
+    this one's threads (onnxruntime's pool and OpenMP's are different threads on the same cores).
     """
-    reference = nets[EAGER, "fp32"](*args).float()
-    errors = {key: float((net(*args).float() - reference).abs().max()) for key, net in nets.items()}  # first warm-up
-    calls, samples = {key: [] for key in nets}, {key: [] for key in nets}
+    calls = {key: [] for key in nets}
     for turn in range(-(-repeats // CALLS_PER_TURN)):
         for key, net in nets.items():
             net(*args)  # untimed: the switch from the previous network
             for _ in range(min(CALLS_PER_TURN, repeats - turn * CALLS_PER_TURN)):
                 calls[key].append(_timed(device, net, *args))
+    return {key: statistics.median(v) for key, v in calls.items()}
+
+
+def _measure(nets: dict, args: tuple, sampler, repeats: int, device: torch.device) -> tuple[dict, dict, dict]:
+    """Max error vs eager fp32, seconds per call (:func:`time_in_turns`) and per sample of every network."""
+    reference = nets[EAGER, "fp32"](*args).float()
+    errors = {key: float((net(*args).float() - reference).abs().max()) for key, net in nets.items()}  # warm-up
+    calls, samples = time_in_turns(nets, args, repeats, device), {key: [] for key in nets}
     for _ in range(max(1, repeats // 5)):
         for key, net in nets.items():
             samples[key].append(_timed(device, sample, net, args[0], sampler, args[2], progress=False))
-    median = lambda times: {key: statistics.median(v) for key, v in times.items()}
-    return errors, median(calls), median(samples)
+    return errors, calls, {key: statistics.median(v) for key, v in samples.items()}
 
 
 def bench(pipe: DiffusionPipeline, formats=(EAGER, *FORMATS), precisions=None, batch_sizes=(1, 16), repeats: int = 10,
