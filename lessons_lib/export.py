@@ -162,8 +162,8 @@ def _check_supported(fmt: str, precision: str, device: torch.device) -> None:
 # - "moment_norms": GroupNorm as MomentGroupNorm. Faster where a compiler fuses its steps (AOTInductor,
 #   onnxruntime: ~10% of the call); slower where each step is its own kernel call (torch.export's
 #   program, TorchScript), so not applied there.
-# AOTInductor: ~1.0x eager -> ~1.6x with both; ONNX ~1.4x -> ~1.5x; torch.export ~1.0x -> ~1.2x;
-# TorchScript ~1.05x -> ~1.35x. On CUDA the network is exported as it is.
+# benchmarks/export_rewrites.py, two runs: AOTInductor 0.6-1.1x eager -> 1.7x with both; ONNX 1.2-1.4x ->
+# 1.4-1.5x; torch.export 0.9x -> 1.2x; TorchScript 1.1x -> 1.3-1.4x. On CUDA the network is exported as it is.
 CPU_REWRITES = {"torch_export": ("channels_last",), "aoti": ("channels_last", "moment_norms"),
                 "onnx": ("moment_norms",), "torchscript": ("channels_last",)}
 
