@@ -1,16 +1,24 @@
-"""Time-to-quality: the FID, precision and recall the cpu preset reaches within its time budget on this machine.
+"""Time-to-quality: which training recipe gets furthest on a laptop CPU, measured.
 
-Trains ``lessons_lib.train.preset("cpu")`` for ``--minutes`` of wall-clock time in all (default: the
-preset's 30) into ``build/runs/time_to_quality``. The run is resumable: the minutes already spent are kept
-in ``time_to_quality.json`` beside ``resume.pt``, so running again after an interruption trains only what
-is left of the budget (a run killed without Ctrl-C loses the time since its last checkpoint from the count,
-not the steps). Then it draws ``--n`` samples from the EMA weights, balanced over the classes exactly as
-``python -m lessons_lib evaluate --checkpoint DIR`` does (DDIM, trailing steps, image i from seed + i),
-and scores them with ``lessons_lib.metrics.evaluate`` against the Fashion-MNIST test split. The floor
-row scores n real training images the same way: the ``train (real)`` row of
-``benchmarks/metric_calibration.py`` at the same n, what a perfect generator would get.
+Each candidate is a set of changes to one starting recipe (``BASE``: the ``cpu`` preset's network with v
+prediction, min-SNR-5, bf16 autocast, batch 128, lr 2e-3, EMA 0.999: the flags-only recipe a new user
+can type). ``run NAME`` trains one candidate into ``build/runs/ttq/NAME`` for a budget of images seen,
+keeps its EMA weights every ``--every`` steps (``snapshot_every``), and scores them:
 
-Run from the repository root:  python benchmarks/time_to_quality.py [--minutes 30] [--n 1000] [--steps 50]
+- every snapshot: FID of ``--curve-n`` class-balanced samples (DDIM, ``--curve-steps`` steps), for the
+  FID-against-images curve, with the minutes each snapshot took to reach (the folder's write time);
+- the last weights: the course metric, 1,000 class-balanced samples against the 10k test images, with
+  DDIM at 50 steps, DPM-Solver++ 2M at 20 and, with ``--ddpm``, 1000-step ancestral DDPM.
+
+Candidates that cost the same per step (objective, weighting, how t is drawn, LR schedule, EMA) are
+compared at equal images seen, which a busy machine cannot bias; each run also records its images/s, so
+minutes follow for all of them from one machine. Run two at a time pinned one core each
+(``taskset -c 0 ... & taskset -c 1 ...``): both see the same conditions. ``table`` gathers every finished
+run into ``benchmarks/results/time_to_quality.json`` and draws the curves.
+
+Run from the repository root:
+  taskset -c 0 python benchmarks/time_to_quality.py run cosine --images 100000
+  python benchmarks/time_to_quality.py table
 """
 
 from __future__ import annotations
@@ -23,84 +31,149 @@ import time
 from pathlib import Path
 
 import torch
-from metric_calibration import degraded_sets  # benchmarks/, the folder of this script
 
 from lessons_lib import metrics
 from lessons_lib import train as T
 from lessons_lib.checkpoint import atomic_write
-from lessons_lib.config import BUILD_DIR
+from lessons_lib.config import BUILD_DIR, REPO_ROOT
 from lessons_lib.pipeline import DiffusionPipeline
 
-LEDGER = "time_to_quality.json"
+RUNS = BUILD_DIR / "runs" / "ttq"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+BASE = dict(prediction="v", weighting="min_snr", amp="bf16", batch_size=128, lr=2e-3, ema_decay=0.999)
+DECAY_EMA = dict(lr_schedule="cosine", ema_sigma_rel=0.1)  # the two changes that suit any run length, combined
+CANDIDATES = {
+    "flags": {},  # the starting point: every other row changes one or more things
+    # one change each
+    "cosine": dict(lr_schedule="cosine"),
+    "power_ema": dict(ema_sigma_rel=0.1),
+    "eps": dict(prediction="eps"),
+    "logsnr_normal": dict(weighting="uniform", timesteps="logsnr_normal"),
+    # combined, then one more change on top
+    "cosine+power_ema": DECAY_EMA,
+    "cosine+power_ema+eps": {**DECAY_EMA, "prediction": "eps"},
+    "cosine+power_ema+uniform": {**DECAY_EMA, "weighting": "uniform"},
+    "cosine+power_ema+logsnr_normal": {**DECAY_EMA, "weighting": "uniform", "timesteps": "logsnr_normal"},
+    "cosine+power_ema+lr4e-3": {**DECAY_EMA, "lr": 4e-3},
+    "cosine+power_ema+ema0.05": {**DECAY_EMA, "ema_sigma_rel": 0.05},
+}
 
 
-def train_for(budget_minutes: float, out_dir: Path, device: str | None, fresh: bool, progress: bool) -> dict:
-    """Train the cpu preset until ``budget_minutes`` have been spent on it in all; returns the ledger."""
-    ledger_path = out_dir / LEDGER
-    ledger = {"minutes": 0.0} if fresh or not ledger_path.exists() else json.loads(ledger_path.read_text())
-    left = budget_minutes - ledger["minutes"]
-    if left <= 0 and (out_dir / T.RESUME).exists():
-        print(f"{ledger['minutes']:.1f} of {budget_minutes} minutes already trained in {out_dir}: evaluating only")
-        return ledger
-    cfg = T.preset("cpu", out_dir=str(out_dir), minutes=max(left, 0.0), device=device)
-    start = time.perf_counter()
-    result = T.train(cfg, resume=not fresh, progress=progress)
-    ledger.update(minutes=ledger["minutes"] + (time.perf_counter() - start) / 60, step=result.step)
-    atomic_write(ledger_path, lambda tmp: tmp.write_text(json.dumps(ledger, indent=2) + "\n"))
-    if result.interrupted:
-        raise SystemExit(f"interrupted after {ledger['minutes']:.1f} minutes; run again to continue")
-    return ledger
+def candidate_config(name: str, images: int, every: int) -> T.TrainConfig:
+    if name not in CANDIDATES:
+        raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+    changes = {**BASE, **CANDIDATES[name]}
+    return T.preset("cpu", **changes, minutes=None, max_steps=images // changes["batch_size"], out_dir=str(RUNS / name),
+                    snapshot_every=every, checkpoint_every=every)
 
 
-def balanced_samples(pipe: DiffusionPipeline, n: int, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_samples(pipe: DiffusionPipeline, n: int, sampler: str, steps: int, seed: int = 0):
     """n samples, n // 10 per class (+1 for the first n % 10 classes), as ``lessons_lib evaluate --checkpoint``."""
     images, labels, start = [], [], 0
     for c in range(len(pipe.classes)):
         n_c = n // len(pipe.classes) + (c < n % len(pipe.classes))
         if n_c:
-            x, y = pipe(n_c, c, steps=steps, sampler="ddim", seed=seed + start, progress=False)
+            x, y = pipe(n_c, c, steps=steps, sampler=sampler, seed=seed + start, progress=False)
             images.append(x.cpu())
             labels.append(y.cpu())
             start += n_c
     return torch.cat(images), torch.cat(labels)
 
 
+def score(folder: Path, n: int, sampler: str, steps: int) -> dict:
+    pipe = DiffusionPipeline.from_pretrained(folder, device="cpu")
+    start = time.perf_counter()
+    images, labels = balanced_samples(pipe, n, sampler, steps)
+    seconds = time.perf_counter() - start
+    r = metrics.evaluate(images, reference="test", labels=labels)
+    return {"sampler": sampler, "steps": steps, "n": r.n, "fid": r.fid, "precision": r.precision, "recall": r.recall,
+            "class_agreement": r.accuracy, "sampling_s": seconds}
+
+
+def run(args) -> None:
+    cfg = candidate_config(args.name, args.images, args.every)
+    out = Path(cfg.out_dir)
+    ledger_path = out / "ttq.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"train_s": 0.0}
+    if not (out / T.RESUME).exists() or ledger.get("step", 0) < cfg.max_steps:
+        start = time.time()
+        ledger.setdefault("started", start)
+        result = T.train(cfg, progress=not args.no_progress)
+        ledger.update(train_s=ledger["train_s"] + time.time() - start, step=result.step)
+        atomic_write(ledger_path, lambda tmp: tmp.write_text(json.dumps(ledger, indent=2)))
+        if result.interrupted:
+            raise SystemExit("interrupted; run the same command to continue")
+    ledger["images_per_s"] = cfg.batch_size * ledger["step"] / ledger["train_s"]
+    curve = []
+    for snap in sorted((out / T.SNAPSHOTS_DIR).glob("step_*")):
+        step = int(snap.name.removeprefix("step_"))
+        r = score(snap, args.curve_n, "ddim", args.curve_steps)
+        curve.append({"step": step, "images": step * cfg.batch_size, "minutes": step * cfg.batch_size / ledger["images_per_s"] / 60,
+                      "fid": r["fid"]})
+        print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
+    final = [score(out, args.final_n, "ddim", 50), score(out, args.final_n, "dpmpp_2m", 20)]
+    if args.ddpm:
+        final.append(score(out, args.final_n, "ddpm", 1000))
+    for r in final:
+        print(f"{args.name}: {r['sampler']} {r['steps']}: FID {r['fid']:.2f} P {r['precision']:.3f} R {r['recall']:.3f} "
+              f"agree {r['class_agreement']:.3f}", flush=True)
+    entry = {"name": args.name, "changes": CANDIDATES[args.name], "config": cfg.to_dict(), "steps": ledger["step"],
+             "images": ledger["step"] * cfg.batch_size, "train_s": ledger["train_s"], "images_per_s": ledger["images_per_s"],
+             "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)), "curve": curve, "final": final,
+             "curve_n": args.curve_n, "curve_steps": args.curve_steps}
+    atomic_write(out / "result.json", lambda tmp: tmp.write_text(json.dumps(entry, indent=2)))
+
+
+def table(args) -> None:
+    entries = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
+    if not entries:
+        raise SystemExit(f"no finished runs under {RUNS}")
+    base = next((e for e in entries if e["name"] == "flags"), entries[0])
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "base": BASE,
+            "preset_network": T.preset("cpu").model.to_dict(), "runs": entries}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write(RESULTS / "time_to_quality.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    print("| candidate | changes | images | img/s | DDIM-50 FID | vs flags | P | R | class agreement | DPM++ 2M-20 FID |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ref = base["final"][0]["fid"]
+    for e in sorted(entries, key=lambda e: e["final"][0]["fid"]):
+        d, p = e["final"][0], e["final"][1]
+        print(f"| {e['name']} | {e['changes'] or '-'} | {e['images']:,} | {e['images_per_s']:.0f} | {d['fid']:.2f} | "
+              f"{d['fid'] / ref:.2f}x | {d['precision']:.3f} | {d['recall']:.3f} | {d['class_agreement']:.3f} | {p['fid']:.2f} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    for e in entries:
+        c = e["curve"]
+        ax.plot([p["images"] / 1e3 for p in c], [p["fid"] for p in c], marker="o", ms=3, label=e["name"])
+    ax.set(xlabel="thousand images seen", ylabel=f"FID ({entries[0]['curve_n']} samples, DDIM {entries[0]['curve_steps']})",
+           yscale="log", title="FID against training images, one candidate per curve (one core each)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(RESULTS / "time_to_quality.png", dpi=110)
+    print(f"\nwrote {RESULTS / 'time_to_quality.json'} and time_to_quality.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=T.preset("cpu").minutes, help="training budget in all (default 30)")
-    parser.add_argument("--n", type=int, default=1000, help="samples to score (compare FIDs only at equal n)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps per sample")
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    parser.add_argument("--out-dir", type=Path, default=BUILD_DIR / "runs" / "time_to_quality")
-    parser.add_argument("--device", help="default: cuda > mps > cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--fresh", action="store_true", help="start training from scratch")
-    parser.add_argument("--no-progress", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train and score one candidate (resumable)")
+    p.add_argument("name", choices=list(CANDIDATES))
+    p.add_argument("--images", type=int, default=100_000, help="training images seen (the budget)")
+    p.add_argument("--every", type=int, default=130, help="steps between snapshots on the curve")
+    p.add_argument("--curve-n", type=int, default=250, help="samples per point of the curve")
+    p.add_argument("--curve-steps", type=int, default=20, help="DDIM steps per point of the curve")
+    p.add_argument("--final-n", type=int, default=1000, help="samples scored for the last weights (the course metric: 1000)")
+    p.add_argument("--ddpm", action="store_true", help="also score 1000-step ancestral DDPM (slow)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+    p = sub.add_parser("table", help="gather the finished runs into the results table and figure")
+    p.set_defaults(run=table)
     args = parser.parse_args()
-    if args.n < 10:
-        parser.error(f"--n must be >= 10 (one sample per class at least), got {args.n}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    ledger = train_for(args.minutes, args.out_dir, args.device, args.fresh, not args.no_progress)
-    pipe = DiffusionPipeline.from_pretrained(args.out_dir, device=args.device)
-    start = time.perf_counter()
-    images, labels = balanced_samples(pipe, args.n, args.steps, args.seed)
-    sampling_s = time.perf_counter() - start
-    real = degraded_sets(args.n, args.seed)["train (real)"]
-    scores = {"cpu preset (EMA)": metrics.evaluate(images, reference="test", labels=labels),
-              "floor: n real training images": metrics.evaluate(real, reference="test")}
-
-    print(f"\n# time to quality: the cpu preset after {ledger['minutes']:.1f} minutes ({ledger.get('step', '?')} steps) "
-          f"in {args.out_dir}")
-    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {pipe.device}; {args.n} samples, DDIM {args.steps} trailing steps, seed {args.seed} "
-          f"({sampling_s:.0f} s); scored against the 10,000 test images (k = 3)\n")
-    print("| images | n | FID | precision | recall | classifier agrees with the label |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in scores.items():
-        agree = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-        print(f"| {name} | {r.n} | {r.fid:.2f} | {r.precision:.3f} | {r.recall:.3f} | {agree} |")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    args.run(args)
 
 
 if __name__ == "__main__":

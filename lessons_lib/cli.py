@@ -111,7 +111,8 @@ def _train(args) -> int:
         "batch_size": args.batch_size, "lr": args.lr, "prediction": args.prediction, "loss": args.loss,
         "weighting": args.weighting, "schedule": args.schedule, "device": args.device, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay, "sample_every": args.sample_every,
-        "amp": args.amp,
+        "amp": args.amp, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
+        "ema_sigma_rel": args.ema_sigma_rel, "timesteps": args.timesteps,
     }.items() if v is not None}
     if args.compile:
         overrides["compile"] = True
@@ -310,7 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="wall-clock budget of this run")
     p.add_argument("--batch-size", type=int, help="global batch, split across processes")
     p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"],
+                   help="after the warm-up; cosine/linear decay to 0 at the last step (a minutes budget plans the steps)")
     p.add_argument("--ema-decay", type=float, help="EMA decay; ~1 - 1/(steps averaged), e.g. 0.999 for runs of 5k+ steps")
+    p.add_argument("--ema-sigma-rel", type=float,
+                   help="power-function EMA of this relative width instead (Karras et al. 2024), e.g. 0.1: suits any run length")
+    p.add_argument("--timesteps", choices=["uniform", "logsnr_normal"], help="how t is drawn in training")
     p.add_argument("--prediction", choices=["eps", "v", "x0"])
     p.add_argument("--loss", choices=["l2", "l1", "huber"])
     p.add_argument("--weighting", choices=["uniform", "min_snr"])

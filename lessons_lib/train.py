@@ -40,9 +40,15 @@ from .unet import UNet, UNetConfig, count_parameters
 LOSSES = ("l2", "l1", "huber")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 WEIGHTINGS = ("uniform", "min_snr")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+TIMESTEP_DRAWS = ("uniform", "logsnr_normal")
 RESUME = "resume.pt"
 LOSS_CSV = "loss.csv"
 SAMPLES_DIR = "samples"
+SNAPSHOTS_DIR = "snapshots"
+
+
+PLAN_MIN_WARMUP = 10
 
 
 class TrainingDivergedError(RuntimeError):
@@ -61,16 +67,21 @@ class TrainConfig:
     loss: str = "l2"
     weighting: str = "uniform"  # or min_snr
     min_snr_gamma: float = 5.0
+    timesteps: str = "uniform"  # how t is drawn: uniform, or logsnr_normal (log-SNR ~ N(logsnr_mean, logsnr_std))
+    logsnr_mean: float = 2.4  # EDM's ln(sigma) ~ N(-1.2, 1.2) (Karras et al. 2022, Table 1) is log-SNR ~ N(2.4, 2.4)
+    logsnr_std: float = 2.4
     batch_size: int = 128  # global batch, split evenly across processes
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    lr_schedule: str = "constant"  # after the warm-up: constant, or cosine / linear decay to 0 at the last step
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
+    ema_sigma_rel: float | None = None  # set: power-function EMA of this relative width (Karras et al. 2024)
     class_dropout: float = 0.1  # probability of training a sample as the null class (classifier-free guidance)
     max_steps: int | None = None  # stop at whichever of max_steps / epochs / minutes comes first
     epochs: float | None = None
-    minutes: float | None = None  # wall-clock budget of this run (resume to continue)
+    minutes: float | None = None  # wall-clock budget of this run (resume to continue); see plan_steps
     seed: int = 0
     device: str | None = None
     amp: str = "auto"  # auto: bf16 (else fp16) autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AMX
@@ -80,6 +91,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     sample_every: int | None = None  # write a grid of EMA samples every N steps (and at the end)
+    snapshot_every: int | None = None  # keep the EMA model folder of every N-th step in snapshots/step_XXXXXXX/
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -87,16 +99,30 @@ class TrainConfig:
         if isinstance(self.amp, bool):  # configs saved before amp named a mode said True (auto) or False (off)
             self.amp = "auto" if self.amp else "off"
         for name, value, allowed in (("prediction", self.prediction, PREDICTION_TYPES), ("loss", self.loss, LOSSES),
-                                     ("weighting", self.weighting, WEIGHTINGS), ("amp", self.amp, AMP_MODES)):
+                                     ("weighting", self.weighting, WEIGHTINGS), ("amp", self.amp, AMP_MODES),
+                                     ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+                                     ("timesteps", self.timesteps, TIMESTEP_DRAWS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if self.max_steps is None and self.epochs is None and self.minutes is None:
             raise ValueError("say how long to train: max_steps, epochs or minutes")
-        for name in ("batch_size", "checkpoint_every", "log_every", "sample_every"):
+        for name in ("batch_size", "checkpoint_every", "log_every", "sample_every", "snapshot_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
+        if self.ema_sigma_rel is not None and not 0 < self.ema_sigma_rel < 0.28:
+            raise ValueError(f"ema_sigma_rel must lie in (0, 0.28) (0.28 is the widest power EMA, gamma = 0), "
+                             f"got {self.ema_sigma_rel}")
+        if self.logsnr_std <= 0:
+            raise ValueError(f"logsnr_std must be > 0, got {self.logsnr_std}")
+        if self._plans_from_clock() and self.warmup_steps < PLAN_MIN_WARMUP:
+            raise ValueError(f"a decaying lr_schedule with a minutes budget times the warm-up to plan its steps: "
+                             f"warmup_steps must be >= {PLAN_MIN_WARMUP}, got {self.warmup_steps}")
+
+    def _plans_from_clock(self) -> bool:
+        """True when the step count comes from the measured speed: a decaying schedule and only a minutes budget."""
+        return self.lr_schedule != "constant" and self.max_steps is None and self.epochs is None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,10 +208,31 @@ def batch_indices(num_images: int, batch_size: int, seed: int, step: int) -> tor
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-def step_noise(cfg: TrainConfig, step: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t, eps and the class-dropout mask of the global batch at ``step`` (drawn on the CPU)."""
+def logsnr_timesteps(u: torch.Tensor, schedule: NoiseSchedule, mean: float, std: float) -> torch.Tensor:
+    """The steps whose log-SNR is nearest to log-SNR ~ N(mean, std^2), from standard normal draws ``u``.
+
+    Drawing t this way instead of uniformly weights the loss by the density of log-SNR (Kingma & Gao 2023,
+    sec. 3): a normal over log-SNR is EDM's log-normal noise level (Karras et al. 2022, sec. 5) on the VP schedule.
+    """
+    logsnr = schedule.snr.log()  # decreasing in t
+    target = (mean + std * u.double()).clamp(float(logsnr[-1]), float(logsnr[0]))
+    t = torch.searchsorted(-logsnr, -target).clamp(max=schedule.num_steps - 1)  # first t with logsnr[t] <= target
+    nearer_prev = (t > 0) & ((logsnr[(t - 1).clamp(min=0)] - target).abs() < (logsnr[t] - target).abs())
+    return torch.where(nearer_prev, t - 1, t)
+
+
+def step_noise(cfg: TrainConfig, step: int, shape: tuple[int, ...],
+               schedule: NoiseSchedule | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t, eps and the class-dropout mask of the global batch at ``step`` (drawn on the CPU).
+
+    ``schedule`` is needed when ``cfg.timesteps`` is ``logsnr_normal`` (default: the one ``cfg`` names)."""
     g = _step_generator(cfg.seed, step, stream=0)
-    t = torch.randint(0, cfg.num_steps, (shape[0],), generator=g)
+    if cfg.timesteps == "uniform":
+        t = torch.randint(0, cfg.num_steps, (shape[0],), generator=g)
+    else:
+        schedule = schedule or get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
+        t = logsnr_timesteps(torch.randn(shape[0], generator=g, dtype=torch.float64), schedule,
+                             cfg.logsnr_mean, cfg.logsnr_std)
     eps = torch.randn(shape, generator=g)
     drop = torch.rand(shape[0], generator=g) < cfg.class_dropout
     return t, eps, drop
@@ -247,11 +294,88 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
-def _total_steps(cfg: TrainConfig, num_images: int) -> int:
+def _total_steps(cfg: TrainConfig, num_images: int) -> int | None:
+    """The run's length in steps from max_steps / epochs; None when only the clock (minutes) bounds it."""
     steps = [cfg.max_steps] if cfg.max_steps is not None else []
     if cfg.epochs is not None:
         steps.append(math.ceil(cfg.epochs * (num_images // cfg.batch_size)))
-    return min(steps) if steps else 10**12  # minutes only: the clock decides
+    return min(steps) if steps else None
+
+
+def _agree(value: int, dist: Dist) -> int:
+    """Process 0's value in every process: under torchrun each one times its own steps, but all follow one plan."""
+    if dist.world == 1:
+        return value
+    import torch.distributed as tdist
+
+    tensor = torch.tensor([value], device=dist.device)
+    tdist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def plan_steps(step: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The last step of a minutes budget, fixed once from the speed measured during the warm-up.
+
+    A decaying learning rate needs to know where the run ends. Planning it once, and saving it in the
+    checkpoint, keeps the schedule a function of the step alone: a resumed run ends at the same step and
+    gets the same weights, however busy the machine is afterwards."""
+    return step + max(1, int(seconds_left / seconds_per_step))
+
+
+def lr_factor(step: int, warmup_steps: int, total: int | None, kind: str) -> float:
+    """The learning rate at ``step`` over the peak: a linear warm-up, then ``kind`` until step ``total``.
+
+    constant: 1; cosine: (1 + cos(pi p)) / 2 (Loshchilov & Hutter 2017, eq. 5 with eta_min = 0); linear: 1 - p;
+    with p = (step - warmup) / (total - warmup) the fraction of the decay done. No total yet: 1 after the warm-up.
+    """
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if kind == "constant" or total is None or step < warmup_steps:
+        return warm
+    p = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
+
+
+def power_ema_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of the power-function EMA whose relative width is ``sigma_rel``.
+
+    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (Karras et al. 2024, eq. 3), which falls from
+    0.289 at gamma = 0 towards 0 as gamma grows; solved by bisection.
+    """
+    def width(g):
+        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+    lo, hi = 0.0, 1.0
+    while width(hi) > sigma_rel:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
+    return (lo + hi) / 2
+
+
+def power_ema(sigma_rel: float):
+    """The update theta_ema <- beta theta_ema + (1 - beta) theta with beta = (1 - 1/n)^(gamma + 1) at update n.
+
+    The power-function EMA of Karras et al. 2024 (sec. 3.1, eq. 2): its average always spans the same fraction
+    of the run so far (``sigma_rel``), so it suits a run of any length without a decay chosen for it.
+    """
+    gamma = power_ema_gamma(sigma_rel)
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = int(num_averaged) + 1  # AveragedModel passes the updates made so far; this is update n
+        _lerp_floats(ema_params, params, 1 - (1 - 1 / n) ** (gamma + 1))
+    return update
+
+
+def _lerp_floats(ema_params, params, weight: float) -> None:
+    """ema <- ema + weight (param - ema) for floating tensors; integer buffers (BatchNorm's counter) are copied."""
+    pairs = list(zip(ema_params, params, strict=True))
+    floats = [(e, p) for e, p in pairs if e.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], weight)
+    for e, p in pairs:
+        if not e.is_floating_point():
+            e.copy_(p)
 
 
 def ema_with_warmup(decay: float):
@@ -263,19 +387,15 @@ def ema_with_warmup(decay: float):
     @torch.no_grad()
     def update(ema_params, params, num_averaged):
         n = int(num_averaged)
-        pairs = list(zip(ema_params, params, strict=True))
-        floats = [(e, p) for e, p in pairs if e.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1 - min(decay, (1 + n) / (10 + n)))
-        for e, p in pairs:
-            if not e.is_floating_point():
-                e.copy_(p)  # integer buffers (BatchNorm's batch counter) are copied, not averaged
+        _lerp_floats(ema_params, params, 1 - min(decay, (1 + n) / (10 + n)))
     return update
 
 
 def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, opt, sched, step: int,
-                history: list[tuple[int, float]]) -> None:
-    """Atomically write the resume checkpoint (read back with ``torch.load(weights_only=True)``)."""
+                history: list[tuple[int, float]], total_steps: int | None = None) -> None:
+    """Atomically write the resume checkpoint (read back with ``torch.load(weights_only=True)``).
+
+    ``total_steps``: the run's planned length, once known (a minutes budget with a decaying schedule)."""
     state = {
         "config": json.dumps(cfg.to_dict()),
         "model": model.state_dict(),
@@ -284,6 +404,7 @@ def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, o
         "scheduler": sched.state_dict(),
         "step": step,
         "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2),
+        "total_steps": -1 if total_steps is None else total_steps,
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -371,8 +492,8 @@ def _earlier_samples(out_dir: Path, up_to: int) -> list[Path]:
 def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = True, progress: bool = True) -> TrainResult:
     """Train (or continue training) the model described by ``cfg``; checkpoints go to ``cfg.out_dir``.
 
-    Writes ``resume.pt`` and ``loss.csv`` every ``checkpoint_every`` steps, on Ctrl-C and at the end, the
-    EMA weights as ``model.safetensors`` + ``config.json`` at the end, and with ``sample_every`` a grid of
+    Writes ``resume.pt``, ``loss.csv`` and the EMA weights as ``model.safetensors`` + ``config.json`` every
+    ``checkpoint_every`` steps, on Ctrl-C and at the end, and with ``sample_every`` a grid of
     EMA samples (:func:`save_sample_grid`) every that many steps and at the end. Only process 0 writes.
     """
     dist = _setup_distributed(cfg)
@@ -385,9 +506,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     model = UNet(cfg.model).to(dist.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+    averaging = power_ema(cfg.ema_sigma_rel) if cfg.ema_sigma_rel is not None else ema_with_warmup(cfg.ema_decay)
+    ema = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))  # linear warm-up
+    total = _total_steps(cfg, len(images))  # None: the clock decides, or the plan made during the warm-up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_schedule))
     step, history = 0, []
     resume_path = out_dir / RESUME
     if resume and resume_path.exists():
@@ -398,6 +521,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), [(int(s), float(v)) for s, v in state["history"].tolist()]
         ema.n_averaged.fill_(max(1, step))
+        if cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0:
+            total = int(state["total_steps"])  # the plan of the first run, kept
     samples = _earlier_samples(out_dir, step) if step and cfg.sample_every else []
 
     net = model
@@ -411,19 +536,42 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     conditional = cfg.model.num_classes is not None
     per_rank = cfg.batch_size // dist.world
     shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-    total = _total_steps(cfg, len(images))
+    planned_run = cfg._plans_from_clock()  # the minutes become a step count, planned once: then the clock stops counting
+    planning = planned_run and total is None
     if dist.main:
+        end = total if total is not None else "a step planned from the speed of the warm-up" if planning else "the time limit"
         print(f"training {count_parameters(model) / 1e6:.2f}M parameters on {dist.device} x{dist.world}, "
-              f"batch {cfg.batch_size}, from step {step} to {total if total < 10**12 else 'the time limit'}")
+              f"batch {cfg.batch_size}, from step {step} to {end}")
 
-    bar = tqdm(total=total if total < 10**12 else None, initial=step, disable=not (progress and dist.main),
-               desc="training", unit="step")
+    record = pipeline_record(schedule, cfg.prediction, images.shape[-1], dataset.classes)
+
+    def save_ema(path: Path):
+        save_pretrained(ema.module, path, metadata={"pipeline": record, "train": cfg.to_dict(), "step": step, "weights": "ema"})
+
+    def write_checkpoint():
+        """resume.pt, loss.csv and the EMA model folder that ``sample`` loads: a run stopped any way leaves both."""
+        save_resume(resume_path, cfg, model, ema, opt, sched, step, history, total)
+        save_loss_csv(out_dir / LOSS_CSV, history)
+        save_ema(out_dir)
+
+    bar = tqdm(total=total, initial=step, disable=not (progress and dist.main), desc="training", unit="step")
     start, seen, interrupted = time.perf_counter(), 0, False
+    timed_from, timer = max(step, cfg.warmup_steps // 2), None  # planning: time the second half of the warm-up
     model.train()
     try:
-        while step < total and (cfg.minutes is None or time.perf_counter() - start < 60 * cfg.minutes):
+        while ((total is None or step < total)
+               and (cfg.minutes is None or planned_run and total is not None or time.perf_counter() - start < 60 * cfg.minutes)):
+            if planning and step == timed_from:
+                timer = time.perf_counter()
+            if planning and timer is not None and step >= max(cfg.warmup_steps, timed_from + 1):
+                now = time.perf_counter()
+                total = plan_steps(step, (now - timer) / (step - timed_from), 60 * cfg.minutes - (now - start))
+                total = _agree(total, dist)
+                bar.total, planning = total, False
+                if dist.main:
+                    print(f"planned {total} steps for the {cfg.minutes:g}-minute budget")
             idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step)[shard].to(dist.device)
-            t, eps, drop = (v[shard] for v in step_noise(cfg, step, (cfg.batch_size, *images.shape[1:])))
+            t, eps, drop = (v[shard] for v in step_noise(cfg, step, (cfg.batch_size, *images.shape[1:]), schedule))
             x0 = to_model(images[idx])
             y = torch.where(drop.to(dist.device), cfg.model.num_classes, labels[idx]) if conditional else None
             if cfg.channels_last:
@@ -451,8 +599,9 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
                 bar.set_postfix(loss=f"{history[-1][1]:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
             bar.update(1)
             if dist.main and step % cfg.checkpoint_every == 0:
-                save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
-                save_loss_csv(out_dir / LOSS_CSV, history)
+                write_checkpoint()
+            if dist.main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                save_ema(out_dir / SNAPSHOTS_DIR / f"step_{step:07d}")
             if dist.main and cfg.sample_every and step % cfg.sample_every == 0:
                 samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))
     except KeyboardInterrupt:
@@ -462,11 +611,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     finally:
         bar.close()
     if dist.main:
-        save_resume(resume_path, cfg, model, ema, opt, sched, step, history)
-        save_loss_csv(out_dir / LOSS_CSV, history)
-        record = pipeline_record(schedule, cfg.prediction, images.shape[-1], dataset.classes)
-        save_pretrained(ema.module, out_dir,
-                        metadata={"pipeline": record, "train": cfg.to_dict(), "step": step, "weights": "ema"})
+        write_checkpoint()
         if cfg.sample_every and step and not interrupted and _grid_path(out_dir, step) not in samples:
             samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))  # the end
     return TrainResult(model.eval(), ema.module.eval(), step, history, out_dir, interrupted, samples)  # ready to sample

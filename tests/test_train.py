@@ -269,3 +269,108 @@ def test_ema_warmup_forgets_the_initial_weights():
     torch.testing.assert_close(ema[0], torch.full((3,), 1 - left, dtype=torch.float64))
     update(ema, [torch.ones(3, dtype=torch.float64)], torch.tensor(10**6))  # late updates use the configured decay
     torch.testing.assert_close(ema[0], torch.full((3,), 1 - left * 0.999, dtype=torch.float64))
+
+
+def test_lr_factor_closed_forms():
+    """Linear warm-up to 1, then constant, cosine (1 + cos(pi p)) / 2 or linear 1 - p with p the decay done."""
+    assert [T.lr_factor(s, 4, 100, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert T.lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)  # half way through the decay
+    assert T.lr_factor(28, 4, 100, "cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert T.lr_factor(28, 4, 100, "linear") == pytest.approx(0.75)
+    assert T.lr_factor(100, 4, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert T.lr_factor(100, 4, 100, "linear") == 0.0
+    assert T.lr_factor(80, 4, 100, "constant") == T.lr_factor(80, 4, None, "cosine") == 1.0  # no total yet: no decay
+
+
+@pytest.mark.parametrize("sigma_rel, gamma", [(0.05, 16.97), (0.10, 6.94)])
+def test_power_ema_gamma_matches_karras_2024(sigma_rel, gamma):
+    """The pairs quoted in Karras et al. 2024 (sec. 3.1): sigma_rel 0.05 is gamma 16.97, 0.10 is 6.94."""
+    assert T.power_ema_gamma(sigma_rel) == pytest.approx(gamma, abs=0.01)
+
+
+def test_power_ema_weights_telescope():
+    """With beta_n = (1 - 1/n)^(g+1), update n keeps weight (n/N)^(g+1) - ((n-1)/N)^(g+1) of theta_n after N
+    updates (the product of later betas telescopes): the discrete form of the profile t^g."""
+    sigma_rel, N = 0.1, 400
+    gamma = T.power_ema_gamma(sigma_rel)
+    update = T.power_ema(sigma_rel)
+    thetas = torch.randn(N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ema = [torch.zeros(3, dtype=torch.float64)]
+    for n in range(1, N + 1):
+        update(ema, [thetas[n - 1]], torch.tensor(n - 1))  # AveragedModel passes the updates made before this one
+    n = torch.arange(1, N + 1, dtype=torch.float64)
+    w = (n / N) ** (gamma + 1) - ((n - 1) / N) ** (gamma + 1)
+    torch.testing.assert_close(ema[0], (w[:, None] * thetas).sum(0))
+    ramp = [torch.zeros(1, dtype=torch.float64)]  # theta_n = n: the mean of t under t^g is (g + 1) / (g + 2) N
+    for k in range(1, 10_001):
+        update(ramp, [torch.tensor([float(k)], dtype=torch.float64)], torch.tensor(k - 1))
+    assert ramp[0].item() == pytest.approx((gamma + 1) / (gamma + 2) * 10_000, rel=1e-3)
+
+
+def test_logsnr_timesteps_pick_the_nearest_step():
+    s = get_schedule("cosine", 1000)
+    logsnr = s.snr.log()
+    u = torch.randn(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = T.logsnr_timesteps(u, s, mean=2.4, std=2.4)
+    target = (2.4 + 2.4 * u).clamp(float(logsnr[-1]), float(logsnr[0]))
+    brute = (logsnr[None, :] - target[:, None]).abs().argmin(1)
+    assert torch.equal(logsnr[t] - target, logsnr[brute] - target)  # as near as the nearest step (ties either way)
+    assert 0 <= int(t.min()) and int(t.max()) < 1000
+    cfg = T.preset("tiny", timesteps="logsnr_normal", num_steps=1000)
+    drawn, _, _ = T.step_noise(cfg, 3, (500, 1, 4, 4))
+    assert logsnr[drawn].mean().item() == pytest.approx(2.4, abs=0.3)  # log-SNR ~ N(2.4, 2.4): mostly low noise
+    uniform, _, _ = T.step_noise(T.preset("tiny", num_steps=1000), 3, (500, 1, 4, 4))
+    assert logsnr[uniform].mean().item() < 0  # uniform t on the cosine schedule: mostly high noise
+
+
+def test_minutes_budget_plans_its_steps_once_and_resume_keeps_the_plan(tmp_path, monkeypatch):
+    """A decaying schedule turns the minutes into a step count after the warm-up; an interrupted run resumed
+    later ends at the same step with the same weights as one that was never interrupted."""
+    ds = _dataset()
+    monkeypatch.setattr(T, "plan_steps", lambda step, seconds_per_step, seconds_left: 16)
+    cfg = dict(minutes=60, max_steps=None, lr_schedule="cosine", warmup_steps=10, ema_sigma_rel=0.1)
+    straight = T.train(_cfg(tmp_path / "a", **cfg), ds, progress=False)
+    assert straight.step == 16 and torch.load(tmp_path / "a" / T.RESUME, weights_only=True)["total_steps"] == 16
+
+    real, calls = T.diffusion_loss, {"n": 0}
+
+    def interrupt_at_step_12(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "diffusion_loss", interrupt_at_step_12)
+    assert T.train(_cfg(tmp_path / "b", **cfg), ds, progress=False).interrupted
+    monkeypatch.setattr(T, "diffusion_loss", real)
+    monkeypatch.setattr(T, "plan_steps", lambda *a: pytest.fail("a resumed run must keep its plan"))
+    resumed = T.train(_cfg(tmp_path / "b", **cfg), ds, progress=False)
+    assert resumed.step == 16
+    _assert_same_weights(straight.model, resumed.model)
+    _assert_same_weights(straight.ema, resumed.ema)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 10"):
+        T.preset("tiny", minutes=5, max_steps=None, lr_schedule="cosine", warmup_steps=2)
+
+
+def test_every_checkpoint_leaves_a_loadable_model_and_snapshots_are_kept(tmp_path, monkeypatch):
+    """A run that dies (here: an error at step 3, no clean exit) leaves the EMA model of its last checkpoint."""
+    ds = _dataset()
+    real, calls = T.diffusion_loss, {"n": 0}
+
+    def crash_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "diffusion_loss", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="went away"):
+        T.train(_cfg(tmp_path / "crash", max_steps=6, checkpoint_every=2), ds, progress=False)
+    _, config = load_pretrained(tmp_path / "crash")
+    assert config["step"] == 2 and config["weights"] == "ema"
+    monkeypatch.setattr(T, "diffusion_loss", real)
+    result = T.train(_cfg(tmp_path / "snap", max_steps=4, checkpoint_every=2, snapshot_every=2), ds, progress=False)
+    for step in (2, 4):
+        model, config = load_pretrained(tmp_path / "snap" / T.SNAPSHOTS_DIR / f"step_{step:07d}")
+        assert config["step"] == step and config["weights"] == "ema"
+    _assert_same_weights(model, result.ema)  # the last snapshot is the final EMA
