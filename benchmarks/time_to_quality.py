@@ -108,8 +108,8 @@ def run(args) -> None:
     for snap in sorted((out / T.SNAPSHOTS_DIR).glob("step_*")):
         step = int(snap.name.removeprefix("step_"))
         r = score(snap, args.curve_n, "ddim", args.curve_steps)
-        curve.append({"step": step, "images": step * cfg.batch_size, "minutes": step * cfg.batch_size / ledger["images_per_s"] / 60,
-                      "fid": r["fid"]})
+        images = step * cfg.batch_size
+        curve.append({"step": step, "images": images, "minutes": images / ledger["images_per_s"] / 60, "fid": r["fid"]})
         print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
     final = [score(out, args.final_n, "ddim", 50), score(out, args.final_n, "dpmpp_2m", 20)]
     if args.ddpm:

@@ -74,6 +74,22 @@ def pipeline_record(schedule: NoiseSchedule, prediction: str, image_size: int, c
             "classes": list(classes)}
 
 
+def writable_folder(path: str | Path, what: str = "folder") -> Path:
+    """``path`` as a folder that exists and can be written, created if needed; checked before any work starts,
+    so a long run or a batch of samples is never lost for want of a place to save it."""
+    path = Path(path).expanduser()
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{what} {path} cannot be a folder: {blocking} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be created: {err.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} is not writable")
+    return path
+
+
 def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``path/model.safetensors`` and ``path/config.json`` (architecture, metadata, sha256 of the weights)."""
     path = Path(path)

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_state, pipeline_record, save_pretrained
+from .checkpoint import CheckpointError, atomic_write, load_state, pipeline_record, save_pretrained, writable_folder
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
-from .device import autocast_dtype, get_device, randn
+from .device import get_device, randn, training_autocast_dtype
 from .noising import PREDICTION_TYPES, q_sample, v_from_x0_eps
 from .samplers import get_sampler, sample
-from .schedules import NoiseSchedule, get_schedule
+from .schedules import SCHEDULES, NoiseSchedule, get_schedule
 from .unet import UNet, UNetConfig, count_parameters
 
 LOSSES = ("l2", "l1", "huber")
@@ -49,6 +49,16 @@ SNAPSHOTS_DIR = "snapshots"
 
 
 PLAN_MIN_WARMUP = 10
+
+
+def _check_number(name: str, value, low: float | None, high: float | None, allow_none: bool = False) -> None:
+    """``value`` is a finite number above ``low`` (exclusive) and at most ``high``, or a clear ValueError."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and value <= low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be > {low}, got {value}")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -84,7 +94,7 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock budget of this run (resume to continue); see plan_steps
     seed: int = 0
     device: str | None = None
-    amp: str = "auto"  # auto: bf16 (else fp16) autocast on CUDA, fp32 elsewhere; bf16 also speeds up CPUs with AMX
+    amp: str = "auto"  # auto: bf16 (else fp16) on CUDA, bf16 on CPUs with AMX / AVX512-BF16, else fp32
     compile: bool = False
     channels_last: bool = False
     out_dir: str = str(BUILD_DIR / "runs" / "default")
@@ -106,6 +116,25 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if self.max_steps is None and self.epochs is None and self.minutes is None:
             raise ValueError("say how long to train: max_steps, epochs or minutes")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        for name, low, high in (("lr", 0, None), ("weight_decay", None, None), ("min_snr_gamma", 0, None),
+                                ("epochs", 0, None), ("minutes", 0, None), ("logsnr_mean", None, None)):
+            _check_number(name, getattr(self, name), low, high, allow_none=name in ("epochs", "minutes"))
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, 0, None)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1) (e.g. 0.999: about the last 1,000 steps), got {self.ema_decay}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        for name in ("max_steps", "num_steps", "warmup_steps"):
+            low = {"max_steps": 1, "num_steps": 2, "warmup_steps": 0}[name]
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                what = {"max_steps": "a run of 0 steps would save random weights", "num_steps": "T, the diffusion steps",
+                        "warmup_steps": "0: no warm-up"}[name]
+                raise ValueError(f"{name} must be >= {low} ({what}), got {getattr(self, name)}")
         for name in ("batch_size", "checkpoint_every", "log_every", "sample_every", "snapshot_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -288,7 +317,7 @@ class TrainResult:
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``TrainConfig.amp`` on ``device`` (None: train in fp32). Weights and the optimizer stay fp32."""
     if mode == "auto":
-        return autocast_dtype(device) if device.type == "cuda" else None
+        return training_autocast_dtype(device)
     if mode == "fp16" and device.type == "cpu":
         raise ValueError("amp='fp16' needs a GPU; on the CPU use amp='bf16' (fast where the CPU has AMX or AVX512-BF16) or 'off'")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
@@ -389,6 +418,46 @@ def ema_with_warmup(decay: float):
         n = int(num_averaged)
         _lerp_floats(ema_params, params, 1 - min(decay, (1 + n) / (10 + n)))
     return update
+
+
+# What a resumed run may change. Everything that defines the model and what it learns is fixed: changing it
+# would keep training the old weights on another problem. The rest applies from the resumed step on.
+FIXED_ON_RESUME = ("model", "schedule", "num_steps", "zero_terminal_snr", "prediction", "loss", "weighting",
+                   "min_snr_gamma", "timesteps", "logsnr_mean", "logsnr_std", "batch_size", "class_dropout", "seed",
+                   "lr_schedule", "warmup_steps", "ema_sigma_rel")
+APPLIED_ON_RESUME = ("lr", "weight_decay", "grad_clip", "ema_decay", "max_steps", "epochs", "minutes", "device", "amp",
+                     "compile", "channels_last", "out_dir", "checkpoint_every", "log_every", "sample_every", "snapshot_every")
+
+
+def resume_changes(saved: TrainConfig, cfg: TrainConfig, planned: bool) -> list[str]:
+    """The options ``cfg`` changes from the run it resumes, as "name: old -> new"; a ValueError for any that may
+    not change (naming the option and both values). ``planned``: the run's length was planned from its minutes."""
+    old, new = saved.to_dict(), cfg.to_dict()
+    fixed = [k for k in FIXED_ON_RESUME if old[k] != new[k]]
+    if planned and old["minutes"] != new["minutes"]:
+        fixed.append("minutes")
+    if fixed:
+        lines = "; ".join(f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in fixed)
+        why = (" (the run planned its steps from its first minutes budget)" if "minutes" in fixed else "")
+        raise ValueError(f"cannot resume {cfg.out_dir} with a changed {', '.join(fixed)}{why}: {lines}. "
+                         f"Use the checkpoint's values, or start a new run (another out_dir, or no resume: --no-resume)")
+    assert set(FIXED_ON_RESUME) | set(APPLIED_ON_RESUME) == set(new), "every option is fixed or applied on resume"
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in APPLIED_ON_RESUME if old[k] != new[k] and k not in ("device", "out_dir")]
+
+
+def load_resume(path: Path, device: torch.device) -> dict:
+    """The state :func:`save_resume` wrote, or a CheckpointError that says what to do with a damaged file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        missing = [k for k in ("config", "model", "ema", "optimizer", "scheduler", "step", "history") if k not in state]
+    except Exception as err:  # truncated zip, not a torch file, unpickling refused: all mean the same to the user
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]}); it is "
+                              "damaged or not a resume checkpoint. The model folder beside it (config.json, "
+                              "model.safetensors) holds the EMA weights of the last good checkpoint; to train "
+                              "again, move the file away or pass --no-resume") from None
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resume checkpoint of this trainer")
+    return state
 
 
 def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, opt, sched, step: int,
@@ -497,8 +566,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     EMA samples (:func:`save_sample_grid`) every that many steps and at the end. Only process 0 writes.
     """
     dist = _setup_distributed(cfg)
-    out_dir = Path(cfg.out_dir)
+    out_dir = writable_folder(cfg.out_dir, "out_dir")
+    amp_dtype = _amp_dtype(cfg.amp, dist.device)
     dataset = dataset or load_fashion_mnist("train")
+    if cfg.batch_size > len(dataset):
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)} images)")
     schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
     images, labels = dataset.images.to(dist.device), dataset.labels.to(dist.device)  # uint8: 47 MB for Fashion-MNIST
 
@@ -514,7 +586,9 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     step, history = 0, []
     resume_path = out_dir / RESUME
     if resume and resume_path.exists():
-        state = torch.load(resume_path, map_location=dist.device, weights_only=True)
+        state = load_resume(resume_path, dist.device)
+        saved = TrainConfig.from_dict(json.loads(state["config"]))
+        changes = resume_changes(saved, cfg, cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0)
         load_state(model, state["model"])
         load_state(ema.module, state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -523,6 +597,13 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         ema.n_averaged.fill_(max(1, step))
         if cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0:
             total = int(state["total_steps"])  # the plan of the first run, kept
+        for group in opt.param_groups:  # a changed lr or weight decay applies from here on
+            group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, total, cfg.lr_schedule)
+        if changes and dist.main:
+            print(f"resuming {resume_path} at step {step} with: {'; '.join(changes)}")
     samples = _earlier_samples(out_dir, step) if step and cfg.sample_every else []
 
     net = model
@@ -531,7 +612,6 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
         net = torch.compile(net)
-    amp_dtype = _amp_dtype(cfg.amp, dist.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     conditional = cfg.model.num_classes is not None
     per_rank = cfg.batch_size // dist.world
