@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import __version__
 from .schedules import NoiseSchedule, schedule_record
@@ -48,6 +48,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_all(contents: dict[Path, bytes]) -> None:
+    """Write every file to a temporary name first, then rename them all at once: a process killed while
+    saving leaves the old set or the new one (bar the instant between two renames), never a half-written file."""
+    temps = {}
+    try:
+        for path, data in contents.items():
+            temps[path] = tmp = Path(path).parent / f".{Path(path).name}.{os.getpid()}.tmp"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -93,15 +109,14 @@ def writable_folder(path: str | Path, what: str = "folder") -> Path:
 def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``path/model.safetensors`` and ``path/config.json`` (architecture, metadata, sha256 of the weights)."""
     path = Path(path)
-    state = clean_state_dict(model.state_dict())
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    weights = save(clean_state_dict(model.state_dict()))  # the safetensors file's bytes
     config = {
         "model": model.config.to_dict(),
         "lessons_lib_version": __version__,
-        "weights_sha256": sha256_file(path / WEIGHTS),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         **(metadata or {}),
     }
-    atomic_write(path / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_all({path / WEIGHTS: weights, path / CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
     return path
 
 
@@ -112,6 +127,10 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is a file; give the model folder that holds {WEIGHTS} and {CONFIG} "
                               "(for a trainer's resume.pt, that is the folder it lies in)")
     file = path / CONFIG
+    if not file.is_file() and (path / "resume.pt").is_file():
+        raise CheckpointError(f"{path} holds only a trainer's resume.pt, no {CONFIG}: run the same "
+                              f"`python -m lessons_lib train ... --out-dir {path}` command again; it resumes and writes "
+                              "the model folder (EMA weights) with its first checkpoint")
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a model folder holds {WEIGHTS} and {CONFIG}")
     try:

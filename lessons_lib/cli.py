@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import PRETRAINED_DIR
@@ -30,9 +31,10 @@ def _data(args) -> int:
 
 
 def _course(args) -> int:
-    from .course import run_course
+    from .course import parse_value, run_course
 
-    results = run_course(smoke=args.smoke, inplace=args.inplace, only=args.only)
+    parameters = {name: parse_value(value) for name, value in args.parameter or []}
+    results = run_course(smoke=args.smoke, inplace=args.inplace, only=args.only, parameters=parameters)
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -136,15 +138,19 @@ def _sample(args) -> int:
     import numpy as np
     import torch
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, writable_folder
     from .data import to_uint8
-    from .pipeline import DiffusionPipeline, GenerationConfig, load_image, save_image
+    from .pipeline import DiffusionPipeline, GenerationConfig, check_mask_fits, load_image, save_image
     from .viz import show_grid
 
     out = Path(args.out)
-    if out.suffix not in ("", ".npz", ".png", ".jpg", ".pdf", ".svg"):
+    suffix = out.suffix.lower()
+    if suffix not in ("", ".npz", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
         print(f"--out must end in .png, .jpg, .pdf, .svg or .npz, or be a folder (no suffix), got {out.name}", file=sys.stderr)
         return 2
+    writable_folder(out if suffix == "" else out.parent, "--out" if suffix == "" else "the folder of --out")
+    if suffix and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name ending in {suffix} or a new folder name (no suffix)")
     if args.interpolate is None and (args.to_seed is not None or args.to_class is not None):
         print("--to-seed / --to-class go with --interpolate FRAMES", file=sys.stderr)
         return 2
@@ -155,6 +161,8 @@ def _sample(args) -> int:
         return 1
     try:
         init = load_image(args.init_image, pipe.image_shape) if args.init_image else None
+        if args.mask and args.init_image:
+            check_mask_fits(args.init_image, args.mask)
         mask = load_image(args.mask, pipe.image_shape, mask=True) if args.mask else None
         config = GenerationConfig(
             prompt=_class_arg(args.class_name), negative=_class_arg(args.negative), num_images=args.n, seed=args.seed,
@@ -169,18 +177,16 @@ def _sample(args) -> int:
         print(err, file=sys.stderr)
         return 2
     images, c = result.images, result.config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
+    if suffix == ".npz":
         labels = result.labels if result.labels is not None else torch.full((len(images),), -1)  # -1: no class
         np.savez_compressed(out, images=to_uint8(images)[:, 0].numpy(), labels=labels.numpy(),
                             seeds=np.array(result.seeds))
-    elif out.suffix == "":
-        out.mkdir(exist_ok=True)
+    elif suffix == "":
         for i, image in enumerate(images):
             save_image(image, out / f"{i:04d}.png")
     else:
         title = f"{len(images)} images, {c.sampler} {result.steps} steps, seed {c.seed}"
-        show_grid(images, nrow=min(8, len(images)), title=title).savefig(out, dpi=150)
+        show_grid(images, nrow=min(8, len(images)), title=title).savefig(out, format=suffix[1:], dpi=150)
     print(f"wrote {len(images)} images to {out} ({c.sampler}, {result.steps} steps, {result.nfe} network calls, "
           f"{result.seconds:.1f} s)")
     return 0
@@ -201,42 +207,66 @@ def _classifier(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    from pathlib import Path
+def _read_samples_npz(path: str, n: int | None):
+    """uint8 'images' (N, 28, 28) and optional int 'labels' in 0-9 from a ``sample --out x.npz`` file, checked."""
+    import zipfile
 
     import numpy as np
     import torch
 
-    from .data import DataNotFoundError, to_model
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in ("images", "labels") if name in f.files}
+            names = sorted(f.files)
+    except TypeError:  # np.load gave an ndarray, which is no context manager: a single .npy file
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive with 'images' (and 'labels')") from None
+    except ValueError as err:
+        if "Object arrays" not in str(err):  # numpy's words for an object array refused without allow_pickle
+            raise ValueError(f"{path} is not a readable .npz file; write one with `sample --out x.npz`") from None
+        raise ValueError(f"{path} holds object arrays, which are not loaded (they could run code); "
+                         "expected uint8 'images' (N, 28, 28) and int 'labels'") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err}); write one with `sample --out x.npz`") from None
+    if "images" not in arrays:
+        raise ValueError(f"{path} holds {names}; expected uint8 'images' (N, 28, 28)")
+    images, labels = arrays["images"][:n], (arrays["labels"][:n] if "labels" in arrays else None)
+    if images.dtype != np.uint8 or images.ndim != 3 or len(images) == 0:
+        raise ValueError(f"{path}: 'images' must be uint8 (N, 28, 28) with N >= 1, got {images.dtype} {images.shape}")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+            raise ValueError(f"{path}: 'labels' must be integers, one per image, got {labels.dtype} {labels.shape}")
+        if ((labels < -1) | (labels > 9)).any():
+            raise ValueError(f"{path}: 'labels' must lie in 0-9 (or -1: no class), got values in "
+                             f"[{labels.min()}, {labels.max()}]")
+    return torch.from_numpy(images), (torch.from_numpy(labels).long() if labels is not None else None)
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .data import to_model
     from .metrics import evaluate, load_classifier
 
     if (args.npz is None) == (args.checkpoint is None):
         print("give exactly one of --npz FILE and --checkpoint DIR", file=sys.stderr)
         return 2
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.npz is not None:
         if not Path(args.npz).is_file():
             print(f"--npz {args.npz}: no such file", file=sys.stderr)
             return 2
-        with np.load(args.npz) as f:
-            if "images" not in f:
-                print(f"{args.npz} holds {sorted(f.files)}; expected uint8 'images' (N, 28, 28)", file=sys.stderr)
-                return 2
-            images = torch.from_numpy(f["images"][: args.n])
-            labels = torch.from_numpy(f["labels"][: args.n]).long() if "labels" in f else None
-        if images.dtype != torch.uint8 or images.ndim != 3:
-            print(f"{args.npz}: 'images' must be uint8 (N, 28, 28), got {images.dtype} {tuple(images.shape)}",
-                  file=sys.stderr)
-            return 2
+        images, labels = _read_samples_npz(args.npz, args.n)
         images = to_model(images.unsqueeze(1))
         source = f"{len(images)} images from {args.npz}"
     else:
         from .pipeline import DiffusionPipeline
 
-        try:
-            pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
-        except ValueError as err:  # CheckpointError, unknown device
-            print(err, file=sys.stderr)
-            return 1
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
         n = args.n or 1000
         conditional = pipe.model.config.num_classes is not None
         parts, labels, start = [], [], 0
@@ -251,13 +281,9 @@ def _evaluate(args) -> int:
             start += n_c
         images, labels = torch.cat(parts), torch.cat(labels)
         source = f"{len(images)} samples of {Path(args.checkpoint).name}, {args.sampler} {args.steps} steps, seed {args.seed}"
-    try:
-        classifier = load_classifier(args.classifier) if args.classifier else None
-        result = evaluate(images, reference=args.reference, classifier=classifier, n_reference=args.n_reference,
-                          labels=labels if labels is not None and (labels >= 0).all() else None)
-    except (ValueError, DataNotFoundError) as err:  # CheckpointError is a ValueError
-        print(err, file=sys.stderr)
-        return 1
+    classifier = load_classifier(args.classifier) if args.classifier else None
+    result = evaluate(images, reference=args.reference, classifier=classifier, n_reference=args.n_reference,
+                      labels=labels if labels is not None and (labels >= 0).all() else None)
     print(source)
     print(result)
     return 0
@@ -293,6 +319,7 @@ SAMPLE_EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lessons_lib", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: LESSONS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("doctor", help="print versions, device, data location and known problems")
@@ -392,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="shrunk parameters (LESSONS_SMOKE=1)")
     p.add_argument("--inplace", action="store_true", help="write outputs into notebooks/ (to commit them)")
     p.add_argument("--only", nargs="*", default=None, help="lesson name prefixes, e.g. 00 01")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override a parameter of the lessons run, e.g. -p N_DRAWS 500 (unknown names are refused)")
     p.set_defaults(run=_course)
 
     from .bench import EAGER
@@ -430,6 +459,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What the library raises for a bad input or a missing file: a message for the user, not a bug.
+    (CheckpointError, IdxFormatError and DataNotFoundError are among these: ValueError / OSError subclasses.)"""
+    from .train import TrainingDivergedError
+
+    return ValueError, TypeError, OSError, TrainingDivergedError
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every expected error becomes one line on stderr and exit code 1; ``--debug`` or
+    ``LESSONS_DEBUG=1`` shows its traceback. Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    debug = args.debug or os.environ.get("LESSONS_DEBUG", "") not in ("", "0")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1

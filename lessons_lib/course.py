@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +31,60 @@ def lessons(only: Sequence[str] | None = None) -> list[Path]:
     return found
 
 
+def lesson_parameters(nb: Path) -> dict[str, str]:
+    """The names in a lesson's ``parameters`` cell and the source text of their defaults (papermill reads them)."""
+    import logging
+
+    import papermill
+
+    translators = logging.getLogger("papermill.translators")  # it warns about lines that assign no literal (SMOKE = ...)
+    level = translators.level
+    translators.setLevel(logging.ERROR)
+    try:
+        return {name: p["default"] for name, p in papermill.inspect_notebook(str(nb)).items()}
+    finally:
+        translators.setLevel(level)
+
+
+def _literal_type(default: str) -> type | None:
+    """int, float, str or bool when every constant in a default's expression has that type (``2_000 if SMOKE else
+    20_000``: int); None when it cannot be told (a call, a tuple of mixed values, no constant at all)."""
+    try:
+        tree = ast.parse(default, mode="eval")
+    except SyntaxError:
+        return None
+    if any(isinstance(node, ast.Call) for node in ast.walk(tree)):
+        return None
+    kinds = {type(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)}
+    top = tree.body.body if isinstance(tree.body, ast.IfExp) else tree.body
+    return kinds.pop() if len(kinds) == 1 and isinstance(top, ast.Constant | ast.IfExp) else None
+
+
+def check_parameters(nb: Path, values: dict) -> None:
+    """Refuse a parameter the lesson does not have, or a value of another type than its default, before running:
+    papermill itself only warns about an unknown name and then runs the lesson with its defaults."""
+    known = lesson_parameters(nb)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{nb.stem} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
+    for name, value in values.items():
+        expected = _literal_type(known[name])
+        ok = expected is None or isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"{nb.stem}: parameter {name} takes {expected.__name__} values (default {known[name]}), "
+                             f"got {type(value).__name__} {value!r}")
+
+
+def parse_value(text: str):
+    """A parameter given on the command line: a Python literal (200, 0.5, True, (0, 10)) or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def _strip_run_metadata(path: Path) -> None:
     """Drop papermill's timestamps so a committed notebook changes only when its outputs do."""
     import nbformat
@@ -42,16 +97,23 @@ def _strip_run_metadata(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] | None = None) -> list[LessonResult]:
+def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] | None = None,
+               parameters: dict | None = None) -> list[LessonResult]:
     """Execute the lessons in fresh kernels from ``build/`` (not their own folder) and print a table.
 
     ``inplace`` rewrites ``notebooks/`` with the outputs (for committing a full run); otherwise outputs
-    go to ``build/full`` or ``build/smoke``.
+    go to ``build/full`` or ``build/smoke``. ``parameters`` override the lessons' defaults; every lesson
+    run must have each of them (:func:`check_parameters`), checked before the first one starts.
     """
     import papermill
 
     if smoke and inplace:
         raise ValueError("committed notebooks hold the outputs of a full run: use --inplace without --smoke")
+    if inplace and parameters:
+        raise ValueError("committed notebooks hold the outputs of a full run with the defaults: no parameters with --inplace")
+    parameters = parameters or {}
+    for nb in lessons(only):
+        check_parameters(nb, parameters)
     os.environ["LESSONS_SMOKE"] = "1" if smoke else "0"
     os.environ["LESSONS_HEADLESS"] = "1"
     # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads slow torch 5-30x.
@@ -64,7 +126,8 @@ def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] |
         print(f"running {nb.name} ({'smoke' if smoke else 'full'}) ...", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(nb), str(output), cwd=str(out_dir), progress_bar=False, kernel_name="python3")
+            papermill.execute_notebook(str(nb), str(output), cwd=str(out_dir), progress_bar=False, kernel_name="python3",
+                                       parameters=parameters)
             results.append(LessonResult(nb.stem, True, time.perf_counter() - start, output))
         except Exception as err:  # papermill.PapermillExecutionError and kernel failures alike
             results.append(LessonResult(nb.stem, False, time.perf_counter() - start, output, str(err).splitlines()[0]))

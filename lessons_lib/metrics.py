@@ -367,6 +367,9 @@ def evaluate(images: torch.Tensor, reference: str | torch.Tensor = "test", class
     the samples were generated for, to also report how often the classifier agrees. FID is biased
     upwards at small n: compare numbers only at equal sample counts (see the classifier's model card).
     """
+    if len(images) <= k:
+        raise ValueError(f"evaluate needs more than k = {k} images (precision and recall use each image's {k} nearest "
+                         f"neighbours; FID needs a covariance), got {len(images)}; use 1,000 to compare with the course")
     classifier = classifier if classifier is not None else default_classifier()
     if isinstance(reference, str):
         if reference not in REFERENCES:
@@ -386,6 +389,8 @@ def evaluate(images: torch.Tensor, reference: str | torch.Tensor = "test", class
         labels = torch.as_tensor(labels).long().cpu()
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+            raise ValueError(f"labels must lie in [0, {probs.shape[1] - 1}], got [{int(labels.min())}, {int(labels.max())}]")
         agreement = (predicted == labels).float().mean().item()
     precision, recall = precision_recall(real, fake, k)
     return Evaluation(fid=fid(real, fake), precision=precision, recall=recall,

@@ -12,16 +12,19 @@ every later noise draw), so it is the same image whatever the batch size, and wh
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_pretrained, pipeline_record, save_pretrained
 from .data import FASHION_MNIST_CLASSES, to_model, to_uint8
 from .device import get_device, randn, sample_generators
 from .editing import Inpainter, embedding_model, img2img_steps, noise_to, slerp
+from .noising import PREDICTION_TYPES
 from .samplers import SAMPLERS, SPACINGS, get_sampler, make_timesteps, sample
 from .schedules import NoiseSchedule, get_schedule, schedule_from_record
 from .unet import UNet
@@ -91,15 +94,21 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63 - self.num_images:
+            raise ValueError(f"seed must be an int in [0, 2**63 - num_images) (image i uses seed + i), got {self.seed!r}")
+        for name in ("prompt", "negative"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not _is_int(value):
+                raise TypeError(f"{name} must be a class name (e.g. 'sneaker'), a class index or None, "
+                                f"got {type(value).__name__} {value!r}")
         for name, value, allowed in (("preset", self.preset, PRESETS), ("spacing", self.spacing, SPACINGS),
                                      ("sampler", self.sampler, SAMPLERS)):
             if value not in allowed and not (name == "sampler" and value is None):
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-        if not isinstance(self.guidance_scale, (int, float)) or not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {self.guidance_scale!r}")
-        if self.eta is not None and not self.eta >= 0:
+        if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
+                or not 0 <= self.guidance_scale < math.inf):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {self.guidance_scale!r}")
+        if self.eta is not None and not 0 <= self.eta < math.inf:
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
         if self.strength is not None:
             img2img_steps(1, self.strength)  # checks 0 <= strength <= 1
@@ -135,17 +144,27 @@ class DiffusionPipeline:
         read from their ``train`` section: Fashion-MNIST sizes and names.
         """
         model, config = load_pretrained(path, device=get_device(device))
-        if "pipeline" in config:
-            p = config["pipeline"]
-            return cls(model, schedule_from_record(p["schedule"]), p["prediction"], tuple(p["classes"]), config,
-                       p["image_size"])
-        if "train" not in config:
-            raise CheckpointError(f"{Path(path) / 'config.json'} has no 'pipeline' section (nor a trainer's 'train' "
+        file = Path(path) / "config.json"
+        if "pipeline" not in config and "train" not in config:
+            raise CheckpointError(f"{file} has no 'pipeline' section (nor a trainer's 'train' "
                                   "section): the schedule and prediction type are unknown. Save it with "
                                   "DiffusionPipeline.save_pretrained or the trainer.")
-        train = config["train"]
-        schedule = get_schedule(train["schedule"], train["num_steps"], zero_terminal_snr=train.get("zero_terminal_snr", False))
-        return cls(model, schedule, train["prediction"], metadata=config)
+        section = "pipeline" if "pipeline" in config else "train"
+        p = config[section]
+        try:
+            if section == "pipeline":
+                schedule, prediction = schedule_from_record(p["schedule"]), p["prediction"]
+                classes, image_size = tuple(p["classes"]), p["image_size"]
+            else:
+                schedule = get_schedule(p["schedule"], p["num_steps"], zero_terminal_snr=p.get("zero_terminal_snr", False))
+                prediction, classes, image_size = p["prediction"], FASHION_MNIST_CLASSES, 28
+        except KeyError as err:
+            raise CheckpointError(f"{file}: the '{section}' section lacks {err}") from None
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{file}: the '{section}' section is not valid: {err}") from None
+        if prediction not in PREDICTION_TYPES:
+            raise CheckpointError(f"{file}: unknown prediction {prediction!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+        return cls(model, schedule, prediction, classes, config, image_size)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Weights + config.json with everything :meth:`from_pretrained` needs, and this pipeline's other metadata."""
@@ -347,6 +366,8 @@ def load_image(path: str | Path, shape: tuple[int, int, int] = (1, 28, 28), mask
         raise ValueError(f"images have 1 (grey) or 3 (RGB) channels, got {channels}")
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit grey (PNG "I;16" / "I"): scale 0-65535 to 0-255, do not clip to white
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
             img = img.convert("L" if mask or channels == 1 else "RGB")
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.NEAREST if mask else Image.Resampling.BILINEAR)
@@ -356,6 +377,24 @@ def load_image(path: str | Path, shape: tuple[int, int, int] = (1, 28, 28), mask
     except UnidentifiedImageError as err:
         raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, ...)") from err
     return pixels >= 128 if mask else to_model(pixels)
+
+
+def check_mask_fits(image_path: str | Path, mask_path: str | Path) -> None:
+    """A mask file must have its image's size: both are resized to the model's together, so a mask of another
+    size would cover another part of the picture after resizing."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for path in (image_path, mask_path):
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except (FileNotFoundError, UnidentifiedImageError):
+            return  # load_image says what is wrong with the file
+    if sizes[0] != sizes[1]:
+        (w, h), (mw, mh) = sizes
+        raise ValueError(f"the mask {mask_path} is {mw}x{mh} but the image {image_path} is {w}x{h}: "
+                         "give a mask of the image's size (white = repaint, black = keep)")
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,11 @@ def read_sidecar(artifact: str | Path) -> dict:
     sidecar = Path(f"{artifact}.json")
     if not sidecar.is_file():
         raise FileNotFoundError(f"{sidecar} not found: every exported network has a JSON sidecar next to it")
-    meta = json.loads(sidecar.read_text())
-    if meta.get("format") not in SUFFIXES:
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{sidecar} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") not in SUFFIXES:
         raise ValueError(f"{sidecar}: unknown format {meta.get('format')!r}; allowed: {', '.join(SUFFIXES)}")
     return meta
 
@@ -128,7 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     parser.add_argument("--out", default="samples.npy", help=".npy file for the images (N, C, H, W) in [-1, 1]")
     args = parser.parse_args(argv)
+    if args.n < 1 or not np.isfinite(args.guidance) or args.guidance < 0:
+        parser.error(f"--n must be >= 1 and --guidance a finite number >= 0, got {args.n} and {args.guidance}")
+    try:
+        return run(args, parser)
+    except (OSError, ValueError, KeyError) as err:  # a missing sidecar, a bad .npy, a file that is not the artifact
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def run(args, parser) -> int:
     meta = read_sidecar(args.artifact)
+    suffix = SUFFIXES[meta["format"]]
+    if Path(args.artifact).suffix != suffix:
+        raise ValueError(f"{args.artifact}: its sidecar says {meta['format']}, whose files end in {suffix}")
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
     if args.noise:
         x_T = np.load(args.noise)
@@ -140,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) not in (1, len(x_T)):
         parser.error(f"--class takes one class or one per image ({len(x_T)}), got {len(labels)}")
     labels = np.broadcast_to(labels, (len(x_T),)).copy()
-    images = ddim_sample(numpy_network(args.artifact, meta, args.threads), meta, x_T, labels, args.steps, args.guidance)
+    try:
+        net = numpy_network(args.artifact, meta, args.threads)
+    except Exception as err:  # each runtime has its own error for a damaged file: say which file, not the runtime's stack
+        raise ValueError(f"{args.artifact} cannot be opened as {meta['format']} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    images = ddim_sample(net, meta, x_T, labels, args.steps, args.guidance)
     np.save(args.out, images)
     print(f"wrote {len(images)} images {images.shape[1:]} to {args.out}")
     return 0

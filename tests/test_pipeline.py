@@ -259,7 +259,7 @@ def test_interpolating_classes_keeps_the_noise_and_blends_the_embedding(pipe):
     ({"steps": 0}, "steps must be an int >= 1"),
     ({"num_images": 0}, "num_images must be an int >= 1"),
     ({"seed": 1.5}, "seed must be an int"),
-    ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
     ({"eta": -0.5}, "eta must be >= 0"),
     ({"init_image": torch.zeros(1, 28, 28), "strength": 1.2}, r"strength must be a number in \[0, 1\]"),
     ({"mask": torch.ones(28, 28)}, "give init_image too"),
