@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_data)
 
     p = sub.add_parser("train", help="train (or resume) a diffusion model; also runs under torchrun")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "cpu_long", "gpu", "tiny"], help="sizes and defaults to start from")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "long", "gpu", "tiny"], help="sizes and defaults to start from")
     p.add_argument("--out-dir", help="where checkpoints go (resumes from out-dir/resume.pt if present)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=float)

@@ -163,24 +163,24 @@ class TrainConfig:
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    """``cpu``: recognisable clothes on a 2-core laptop in ~30 min; ``cpu_long``: a 2.5M-parameter U-Net for a long
-    CPU run in bf16 autocast (30 epochs, ~6 h on 2 cores with AMX: the successor of the shipped model where no GPU
-    is lent); ``gpu``: larger, for an accelerator; ``tiny``: tests.
+    """The recipes, chosen by ``benchmarks/time_to_quality.py`` (its table is in benchmarks/results/).
 
-    The EMA decay and warm-up suit each preset's intended length: for a run of a few hundred steps, lower
-    ``ema_decay`` (e.g. 0.95) or the EMA still remembers the random initial weights.
+    ``cpu``: the best recipe for 30 minutes on a 2-core laptop (v prediction, min-SNR-5, bf16 autocast where the
+    CPU has AMX, batch 128, lr 2e-3 decayed to 0 on a cosine over the steps planned from the budget, power EMA);
+    ``long``: the same recipe on a 2.5M-parameter U-Net for runs of hours (the shipped model's), resumable;
+    ``gpu``: larger, for an accelerator; ``tiny``: tests.
     """
+    recipe = dict(prediction="v", weighting="min_snr", batch_size=128, lr=2e-3, lr_schedule="cosine", ema_sigma_rel=0.1)
     presets = {
         "cpu": TrainConfig(model=UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
                                             attention_levels=(False, False, True), num_classes=10, dropout=0.0),
-                           batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995, minutes=30),
+                           **recipe, warmup_steps=100, minutes=30),
+        "long": TrainConfig(model=UNetConfig(base_channels=48, channel_mults=(1, 2, 2), num_res_blocks=1,
+                                             attention_levels=(False, False, True), num_classes=10, dropout=0.0),
+                            **recipe, warmup_steps=200, compile=True, minutes=150, checkpoint_every=250, sample_every=1000),
         "gpu": TrainConfig(model=UNetConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2,
                                             attention_levels=(False, True, True), num_classes=10, dropout=0.1),
                            batch_size=256, lr=2e-4, warmup_steps=500, ema_decay=0.9995, max_steps=40_000),
-        "cpu_long": TrainConfig(model=UNetConfig(base_channels=48, channel_mults=(1, 2, 2), num_res_blocks=1,
-                                                 attention_levels=(False, False, True), num_classes=10, dropout=0.0),
-                                batch_size=128, lr=1e-3, warmup_steps=500, ema_decay=0.999, weighting="min_snr",
-                                amp="bf16", compile=True, epochs=30, checkpoint_every=250, sample_every=1000),
         "tiny": TrainConfig(model=UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                                              attention_levels=(False, True), num_heads=2, num_classes=10, dropout=0.0),
                             batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, max_steps=10, num_steps=100),
