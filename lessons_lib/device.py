@@ -59,7 +59,8 @@ def get_device(name: str | torch.device | None = None) -> torch.device:
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The mixed-precision dtype for ``device``: bf16 on CUDA where supported, else fp16; None on CPU.
 
-    CPU stays in fp32: on a laptop CPU, bf16 autocast is usually slower and less accurate.
+    Inference on the CPU stays in fp32, so a seed gives the same image there as in the lessons' figures; the
+    trainer uses :func:`training_autocast_dtype`, which adds bf16 on CPUs that multiply it in hardware.
     """
     device = torch.device(device)
     if device.type == "cuda":
