@@ -163,21 +163,20 @@ class TrainConfig:
 
 
 def preset(name: str, **overrides) -> TrainConfig:
-    """The recipes, chosen by ``benchmarks/time_to_quality.py`` (its table is in benchmarks/results/).
-
-    ``cpu``: the best recipe for 30 minutes on a 2-core laptop (v prediction, min-SNR-5, bf16 autocast where the
-    CPU has AMX, batch 128, lr 2e-3 decayed to 0 on a cosine over the steps planned from the budget, power EMA);
-    ``long``: the same recipe on a 2.5M-parameter U-Net for runs of hours (the shipped model's), resumable;
-    ``gpu``: larger, for an accelerator; ``tiny``: tests.
+    """``cpu``: lesson 04's 30-minute run on a 2-core laptop (a 1.1M-parameter U-Net, eps prediction, batch 64);
+    ``long``: a 2.5M-parameter U-Net for runs of hours on a CPU, resumable (v prediction, min-SNR-5, bf16 autocast
+    where the CPU has AMX, batch 128, lr 2e-3 on a cosine decay over the planned steps, power EMA); ``gpu``:
+    larger, for an accelerator; ``tiny``: tests. ``benchmarks/time_to_quality.py`` compares recipes for them.
     """
-    recipe = dict(prediction="v", weighting="min_snr", batch_size=128, lr=2e-3, lr_schedule="cosine", ema_sigma_rel=0.1)
     presets = {
         "cpu": TrainConfig(model=UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
                                             attention_levels=(False, False, True), num_classes=10, dropout=0.0),
-                           **recipe, warmup_steps=100, minutes=30),
+                           batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.995, amp="off", minutes=30),
         "long": TrainConfig(model=UNetConfig(base_channels=48, channel_mults=(1, 2, 2), num_res_blocks=1,
                                              attention_levels=(False, False, True), num_classes=10, dropout=0.0),
-                            **recipe, warmup_steps=200, compile=True, minutes=150, checkpoint_every=250, sample_every=1000),
+                            prediction="v", weighting="min_snr", batch_size=128, lr=2e-3, lr_schedule="cosine",
+                            ema_sigma_rel=0.1, warmup_steps=200, compile=True, minutes=150, checkpoint_every=250,
+                            sample_every=1000),
         "gpu": TrainConfig(model=UNetConfig(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2,
                                             attention_levels=(False, True, True), num_classes=10, dropout=0.1),
                            batch_size=256, lr=2e-4, warmup_steps=500, ema_decay=0.9995, max_steps=40_000),
