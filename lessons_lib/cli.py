@@ -468,8 +468,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Every expected error becomes one line on stderr and exit code 1; ``--debug`` or
-    ``LESSONS_DEBUG=1`` shows its traceback. Anything else is a bug and keeps its traceback."""
+    """Run one command. Every expected error becomes one line on stderr and a non-zero exit code: 2 for a bad
+    value (ValueError, TypeError), 1 for a missing file or a failed run; ``--debug`` or ``LESSONS_DEBUG=1`` shows
+    its traceback. Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("LESSONS_DEBUG", "") not in ("", "0")
     try:
@@ -481,4 +482,4 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, ValueError | TypeError) else 1

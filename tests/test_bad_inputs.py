@@ -127,7 +127,7 @@ def test_debug_shows_the_traceback(files):
 def test_the_entry_point_prints_no_traceback():
     result = subprocess.run([sys.executable, "-m", "lessons_lib", "train", "--preset", "tiny", "--lr", "-1"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip() == "error: lr must be > 0, got -1.0"
+    assert result.returncode == 2 and result.stderr.strip() == "error: lr must be > 0, got -1.0"
 
 
 def test_any_case_suffix_is_an_image_file(files, tmp_path):
