@@ -249,3 +249,11 @@ def test_sigkill_leaves_a_loadable_folder_and_rerunning_finishes(tmp_path, when)
     assert rerun.returncode == 0, rerun.stderr
     _, config = load_pretrained(out)
     assert config["step"] == 60
+
+
+def test_lesson_01_follows_its_T(tmp_path, monkeypatch):
+    """The steps lesson 01 shows are derived from its parameter T, so a shorter schedule runs too."""
+    monkeypatch.setenv("LESSONS_SMOKE", "1")
+    monkeypatch.setenv("LESSONS_HEADLESS", "1")
+    results = course.run_course(smoke=True, only=["01"], parameters={"T": 200})
+    assert [r.ok for r in results] == [True], results[0].error
