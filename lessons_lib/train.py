@@ -587,20 +587,20 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     if resume and resume_path.exists():
         state = load_resume(resume_path, dist.device)
         saved = TrainConfig.from_dict(json.loads(state["config"]))
-        changes = resume_changes(saved, cfg, cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0)
+        kept_plan = cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0
+        changes = resume_changes(saved, cfg, kept_plan)
         load_state(model, state["model"])
         load_state(ema.module, state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), [(int(s), float(v)) for s, v in state["history"].tolist()]
         ema.n_averaged.fill_(max(1, step))
-        if cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0:
+        if kept_plan:
             total = int(state["total_steps"])  # the plan of the first run, kept
-        for group in opt.param_groups:  # a changed lr or weight decay applies from here on
-            group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched.base_lrs = [cfg.lr] * len(opt.param_groups)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, total, cfg.lr_schedule)
+        for group in opt.param_groups:  # a changed lr or weight decay applies from here on
+            group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         lr=cfg.lr * lr_factor(step, cfg.warmup_steps, total, cfg.lr_schedule))
         if changes and dist.main:
             print(f"resuming {resume_path} at step {step} with: {'; '.join(changes)}")
     samples = _earlier_samples(out_dir, step) if step and cfg.sample_every else []
