@@ -51,13 +51,13 @@ SNAPSHOTS_DIR = "snapshots"
 PLAN_MIN_WARMUP = 10
 
 
-def _check_number(name: str, value, low: float | None, high: float | None, allow_none: bool = False) -> None:
-    """``value`` is a finite number above ``low`` (exclusive) and at most ``high``, or a clear ValueError."""
+def _check_number(name: str, value, low: float | None, allow_none: bool = False) -> None:
+    """``value`` is a finite number above ``low`` (exclusive; None: any), or a clear ValueError."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (low is not None and value <= low) or (high is not None and value > high):
+    if low is not None and value <= low:
         raise ValueError(f"{name} must be > {low}, got {value}")
 
 
@@ -118,13 +118,13 @@ class TrainConfig:
             raise ValueError("say how long to train: max_steps, epochs or minutes")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-        for name, low, high in (("lr", 0, None), ("weight_decay", None, None), ("min_snr_gamma", 0, None),
-                                ("epochs", 0, None), ("minutes", 0, None), ("logsnr_mean", None, None)):
-            _check_number(name, getattr(self, name), low, high, allow_none=name in ("epochs", "minutes"))
+        for name, low in (("lr", 0), ("weight_decay", None), ("min_snr_gamma", 0), ("epochs", 0), ("minutes", 0),
+                          ("logsnr_mean", None)):
+            _check_number(name, getattr(self, name), low, allow_none=name in ("epochs", "minutes"))
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None:
-            _check_number("grad_clip", self.grad_clip, 0, None)
+            _check_number("grad_clip", self.grad_clip, 0)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1) (e.g. 0.999: about the last 1,000 steps), got {self.ema_decay}")
         if not 0 <= self.seed < 2**63:
