@@ -114,7 +114,7 @@ def _train(args) -> int:
         "weighting": args.weighting, "schedule": args.schedule, "device": args.device, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay, "sample_every": args.sample_every,
         "amp": args.amp, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
-        "ema_sigma_rel": args.ema_sigma_rel, "timesteps": args.timesteps,
+        "ema_sigma_rel": args.ema_sigma_rel, "timesteps": args.timesteps, "init_from": args.init_from,
     }.items() if v is not None}
     if args.compile:
         overrides["compile"] = True
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16/fp16 on CUDA, fp32 elsewhere; bf16 is 1.4-2x faster on CPUs with AMX")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--init-from", metavar="FOLDER",
+                   help="start a new run from the weights of this model folder (same network, prediction, schedule)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)

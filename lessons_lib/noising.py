@@ -121,3 +121,20 @@ def convert_prediction(
     if target == "eps":
         return eps
     return v_from_x0_eps(x0, eps, t, schedule)
+
+
+class EpsModel(torch.nn.Module):
+    """A network whose output is a ``prediction`` (eps, x0 or v), seen as the noise predictor eps_theta(x_t, t, y)
+    that DDPM's and DDIM's equations are written with. Classifier-free guidance may mix either output: at fixed
+    x_t the conversion is affine in the prediction and guidance's weights (1 - w, w) sum to one, so the two commute."""
+
+    def __init__(self, model: torch.nn.Module, prediction: str, schedule: NoiseSchedule):
+        super().__init__()
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+        self.model, self.prediction, self.schedule = model, prediction, schedule
+        self.config = getattr(model, "config", None)  # the null class for guidance: config.num_classes
+        self.train(model.training)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return convert_prediction(self.model(x, t, class_labels), self.prediction, "eps", x, t, self.schedule)

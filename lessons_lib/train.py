@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_write, load_state, pipeline_record, save_pretrained, writable_folder
+from .checkpoint import (CheckpointError, atomic_write, load_state, model_config, pipeline_record, read_verified,
+                         save_pretrained, writable_folder)
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
 from .device import get_device, randn, training_autocast_dtype
 from .noising import PREDICTION_TYPES, q_sample, v_from_x0_eps
 from .samplers import get_sampler, sample
-from .schedules import SCHEDULES, NoiseSchedule, get_schedule
+from .schedules import SCHEDULES, NoiseSchedule, get_schedule, schedule_record
 from .unet import UNet, UNetConfig, count_parameters
 
 LOSSES = ("l2", "l1", "huber")
@@ -102,6 +103,7 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int | None = None  # write a grid of EMA samples every N steps (and at the end)
     snapshot_every: int | None = None  # keep the EMA model folder of every N-th step in snapshots/step_XXXXXXX/
+    init_from: str | None = None  # a model folder whose weights a new run starts from (e.g. a model whose run is lost)
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -423,9 +425,23 @@ def ema_with_warmup(decay: float):
 # would keep training the old weights on another problem. The rest applies from the resumed step on.
 FIXED_ON_RESUME = ("model", "schedule", "num_steps", "zero_terminal_snr", "prediction", "loss", "weighting",
                    "min_snr_gamma", "timesteps", "logsnr_mean", "logsnr_std", "batch_size", "class_dropout", "seed",
-                   "lr_schedule", "warmup_steps", "ema_sigma_rel")
+                   "lr_schedule", "warmup_steps", "ema_sigma_rel", "init_from")
 APPLIED_ON_RESUME = ("lr", "weight_decay", "grad_clip", "ema_decay", "max_steps", "epochs", "minutes", "device", "amp",
                      "compile", "channels_last", "out_dir", "checkpoint_every", "log_every", "sample_every", "snapshot_every")
+
+
+def init_weights(cfg: TrainConfig, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
+    """The weights of the model folder ``cfg.init_from``, checked to be this run's network and objective."""
+    config, state = read_verified(cfg.init_from)
+    theirs = {"model": model_config(config, Path(cfg.init_from) / "config.json"),
+              "prediction": config.get("pipeline", {}).get("prediction"),
+              "schedule": config.get("pipeline", {}).get("schedule")}
+    ours = {"model": cfg.model, "prediction": cfg.prediction, "schedule": schedule_record(schedule)}
+    differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise ValueError(f"init_from {cfg.init_from} does not fit this run: {'; '.join(differ)}. Start from a model "
+                         f"of the same network, prediction and schedule (its config.json says which)")
+    return state
 
 
 def resume_changes(saved: TrainConfig, cfg: TrainConfig, planned: bool) -> list[str]:
@@ -575,6 +591,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = UNet(cfg.model).to(dist.device)
+    if cfg.init_from:
+        load_state(model, init_weights(cfg, schedule))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     averaging = power_ema(cfg.ema_sigma_rel) if cfg.ema_sigma_rel is not None else ema_with_warmup(cfg.ema_decay)

@@ -6,6 +6,7 @@ import torch
 from lessons_lib.device import randn
 from lessons_lib.noising import (
     PREDICTION_TYPES,
+    EpsModel,
     convert_prediction,
     eps_from_v,
     eps_from_x0,
@@ -96,6 +97,38 @@ def test_prediction_conversions_round_trip():
     for source in PREDICTION_TYPES:
         for target in PREDICTION_TYPES:
             torch.testing.assert_close(convert_prediction(truth[source], source, target, xt, t, S), truth[target])
+
+
+class _Oracle(torch.nn.Module):
+    """Answers the exact ``prediction`` for the clean image x0 (label 0) or -x0 (label 1, the null class), given eps."""
+
+    config = type("Config", (), {"num_classes": 1})
+
+    def __init__(self, x0, prediction):
+        super().__init__()
+        self.x0, self.prediction = x0, prediction
+
+    def forward(self, x, t, y):
+        k = len(y) // len(self.x0)  # guidance sends both branches as one batch
+        x0 = torch.where((y == 0).view(-1, 1, 1, 1), self.x0.repeat(k, 1, 1, 1), -self.x0.repeat(k, 1, 1, 1))
+        return convert_prediction(x0, "x0", self.prediction, x, t, S)
+
+
+@pytest.mark.parametrize("prediction", PREDICTION_TYPES)
+def test_eps_model_sees_any_prediction_as_the_noise(prediction):
+    """An oracle of any parametrisation, seen through EpsModel, answers the true eps, and guidance mixes it
+    as it mixes clean images: uncond + w (cond - uncond) of x0 and -x0 is (2w - 1) x0."""
+    from lessons_lib.guidance import guided_output
+
+    x0, eps = _x0(4).double(), torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([1, 100, 600, 998])
+    xt, labels = q_sample(x0, t, eps, S), torch.zeros(4, dtype=torch.long)
+    wrapped = EpsModel(_Oracle(x0, prediction).eval(), prediction, S)
+    assert not wrapped.training
+    torch.testing.assert_close(wrapped(xt, t, labels), eps)
+    torch.testing.assert_close(guided_output(wrapped, xt, t, labels, 3.0), eps_from_x0(xt, t, 5 * x0, S))
+    with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
+        EpsModel(wrapped, "noise", S)
 
 
 def test_v_definition():

@@ -375,3 +375,22 @@ def test_every_checkpoint_leaves_a_loadable_model_and_snapshots_are_kept(tmp_pat
         model, config = load_pretrained(tmp_path / "snap" / T.SNAPSHOTS_DIR / f"step_{step:07d}")
         assert config["step"] == step and config["weights"] == "ema"
     _assert_same_weights(model, result.ema)  # the last snapshot is the final EMA
+
+
+def test_init_from_starts_a_new_run_from_saved_weights_and_refuses_another_network(tmp_path):
+    """A run whose folder is lost continues from the model folder it left (the weights, not the optimizer)."""
+    ds = _dataset()
+    first = T.train(_cfg(tmp_path / "first", max_steps=3), ds, progress=False)
+    again = T.train(_cfg(tmp_path / "again", max_steps=1, lr=1e-30, init_from=str(tmp_path / "first")), ds, progress=False)
+    for a, b in zip(first.ema.state_dict().values(), again.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)  # one step of lr 1e-30 away from the saved EMA weights
+    fresh = T.train(_cfg(tmp_path / "fresh", max_steps=1, lr=1e-30), ds, progress=False)
+    assert not torch.allclose(fresh.model.stem.weight, again.model.stem.weight)  # not the random initialisation
+    other_net = _cfg(tmp_path / "x", max_steps=1, init_from=str(tmp_path / "first"))
+    other_net = replace(other_net, model=replace(other_net.model, base_channels=16))
+    with pytest.raises(ValueError, match=r"does not fit this run: model: .*base_channels=8.* there"):
+        T.train(other_net, ds, progress=False)
+    with pytest.raises(ValueError, match="prediction: 'eps' there, 'v' here"):
+        T.train(_cfg(tmp_path / "y", max_steps=1, prediction="v", init_from=str(tmp_path / "first")), ds, progress=False)
+    with pytest.raises(ValueError, match="changed init_from"):  # resuming "again" from other weights is refused
+        T.train(_cfg(tmp_path / "again", max_steps=2, init_from=str(tmp_path / "fresh")), ds, progress=False)
