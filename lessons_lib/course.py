@@ -48,14 +48,15 @@ def lesson_parameters(nb: Path) -> dict[str, str]:
 
 def _literal_type(default: str) -> type | None:
     """int, float, str or bool when every constant in a default's expression has that type (``2_000 if SMOKE else
-    20_000``: int); None when it cannot be told (a call, a tuple of mixed values, no constant at all)."""
+    20_000``: int; a None branch means "optional" and is left out); None when it cannot be told (a call, a tuple
+    of mixed values, no constant at all, a default of None)."""
     try:
         tree = ast.parse(default, mode="eval")
     except SyntaxError:
         return None
     if any(isinstance(node, ast.Call) for node in ast.walk(tree)):
         return None
-    kinds = {type(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)}
+    kinds = {type(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value is not None}
     top = tree.body.body if isinstance(tree.body, ast.IfExp) else tree.body
     return kinds.pop() if len(kinds) == 1 and isinstance(top, ast.Constant | ast.IfExp) else None
 
@@ -75,6 +76,13 @@ def check_parameters(nb: Path, values: dict) -> None:
         if not ok:
             raise ValueError(f"{nb.stem}: parameter {name} takes {expected.__name__} values (default {known[name]}), "
                              f"got {type(value).__name__} {value!r}")
+
+
+def check_running_lesson(prefix: str, namespace: dict) -> None:
+    """Called by a lesson right after its parameters: the values papermill put there (``papermill ... -p N 500``)
+    have their defaults' types, or one clear ValueError before any work starts."""
+    (nb,) = lessons([prefix])
+    check_parameters(nb, {name: namespace[name] for name in lesson_parameters(nb) if name in namespace})
 
 
 def parse_value(text: str):

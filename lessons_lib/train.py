@@ -28,8 +28,16 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, atomic_write, load_state, model_config, pipeline_record, read_verified,
-                         save_pretrained, writable_folder)
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_state,
+    model_config,
+    pipeline_record,
+    read_verified,
+    save_pretrained,
+    writable_folder,
+)
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
 from .device import get_device, randn, training_autocast_dtype

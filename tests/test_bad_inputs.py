@@ -177,6 +177,21 @@ def test_course_refuses_unknown_and_mistyped_parameters():
     with pytest.raises(ValueError, match="takes int values"):
         course.check_parameters(nb, {"T": 0.5})
     assert course.parse_value("200") == 200 and course.parse_value("lots") == "lots"
+    course.check_parameters(course.lessons(["05"])[0], {"DEVICE": "cpu", "N_REFERENCE": 2000})  # None: optional, any type
+
+
+def test_a_lesson_run_with_papermill_refuses_a_mistyped_parameter_before_any_work(tmp_path):
+    """papermill itself injects any value; the lesson's first cell after its parameters checks them."""
+    import papermill
+
+    nb = course.lessons(["01"])[0]
+    with pytest.raises(ValueError, match="parameter N_DRAWS takes int values"):
+        course.check_running_lesson("01", {"N_DRAWS": "lots", "T": 1000})
+    course.check_running_lesson("01", {"N_DRAWS": 500, "T": 200, "SEED": 3})
+    with pytest.raises(papermill.PapermillExecutionError, match="parameter N_DRAWS takes int values") as err:
+        papermill.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(tmp_path), kernel_name="python3",
+                                   parameters={"N_DRAWS": "lots"}, progress_bar=False)
+    assert err.value.exec_count <= 3  # stopped in the cell after the parameters, before the lesson's work
 
 
 # ----------------------------------------------------------------------------------------------------------
