@@ -28,20 +28,12 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    load_state,
-    model_config,
-    pipeline_record,
-    read_verified,
-    save_pretrained,
-    writable_folder,
-)
+from .checkpoint import CheckpointError, atomic_write, load_state, pipeline_record, save_pretrained, writable_folder
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
 from .device import get_device, randn, training_autocast_dtype
 from .noising import PREDICTION_TYPES, q_sample, v_from_x0_eps
+from .pipeline import DiffusionPipeline
 from .samplers import get_sampler, sample
 from .schedules import SCHEDULES, NoiseSchedule, get_schedule, schedule_record
 from .unet import UNet, UNetConfig, count_parameters
@@ -440,16 +432,14 @@ APPLIED_ON_RESUME = ("lr", "weight_decay", "grad_clip", "ema_decay", "max_steps"
 
 def init_weights(cfg: TrainConfig, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
     """The weights of the model folder ``cfg.init_from``, checked to be this run's network and objective."""
-    config, state = read_verified(cfg.init_from)
-    theirs = {"model": model_config(config, Path(cfg.init_from) / "config.json"),
-              "prediction": config.get("pipeline", {}).get("prediction"),
-              "schedule": config.get("pipeline", {}).get("schedule")}
-    ours = {"model": cfg.model, "prediction": cfg.prediction, "schedule": schedule_record(schedule)}
+    pipe = DiffusionPipeline.from_pretrained(cfg.init_from, device="cpu")
+    theirs = {**asdict(pipe.model.config), "prediction": pipe.prediction, "schedule": schedule_record(pipe.schedule)}
+    ours = {**asdict(cfg.model), "prediction": cfg.prediction, "schedule": schedule_record(schedule)}
     differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k]]
     if differ:
         raise ValueError(f"init_from {cfg.init_from} does not fit this run: {'; '.join(differ)}. Start from a model "
                          f"of the same network, prediction and schedule (its config.json says which)")
-    return state
+    return pipe.model.state_dict()
 
 
 def resume_changes(saved: TrainConfig, cfg: TrainConfig, planned: bool) -> list[str]:
