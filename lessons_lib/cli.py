@@ -115,6 +115,7 @@ def _train(args) -> int:
         "checkpoint_every": args.checkpoint_every, "ema_decay": args.ema_decay, "sample_every": args.sample_every,
         "amp": args.amp, "lr_schedule": args.lr_schedule, "warmup_steps": args.warmup_steps,
         "ema_sigma_rel": args.ema_sigma_rel, "timesteps": args.timesteps, "init_from": args.init_from,
+        "logsnr_mean": args.logsnr_mean, "logsnr_std": args.logsnr_std,
     }.items() if v is not None}
     if args.compile:
         overrides["compile"] = True
@@ -345,10 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-sigma-rel", type=float,
                    help="power-function EMA of this relative width instead (Karras et al. 2024), e.g. 0.1: suits any run length")
     p.add_argument("--timesteps", choices=["uniform", "logsnr_normal"], help="how t is drawn in training")
-    p.add_argument("--prediction", choices=["eps", "v", "x0"])
+    p.add_argument("--logsnr-mean", type=float, help="logsnr_normal: mean of log-SNR (default 2.4, EDM's)")
+    p.add_argument("--logsnr-std", type=float,
+                   help="logsnr_normal: its std (Esser et al.'s logit-normal t(0, 1) is log-SNR ~ N(0, 2^2))")
+    p.add_argument("--prediction", choices=["eps", "v", "x0", "flow"])
     p.add_argument("--loss", choices=["l2", "l1", "huber"])
     p.add_argument("--weighting", choices=["uniform", "min_snr"])
-    p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine", "sigmoid"])
+    p.add_argument("--schedule", choices=["linear", "scaled_linear", "cosine", "sigmoid", "flow"])
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)

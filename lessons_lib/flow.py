@@ -8,8 +8,9 @@ model predicts the velocity u = dx_t/dt = eps - x0. Divided by r(t) = sqrt((1 - 
 
 (the same eps in both). So a velocity converts to eps / x0 / v at the matching noise level and back, exactly:
 the course's DDPM-scale samplers can sample a flow model (:class:`FlowAsEps`) and the flow samplers below can
-sample an eps / x0 / v model (:class:`VelocityOf`). Kingma & Gao (2023) read all of these objectives as one
-loss under different weightings and noise schedules.
+sample an eps / x0 / v model (:class:`VelocityOf`). Trained by the course's trainer, a flow model is a VP model
+with ``prediction="flow"`` (target eps - x0, read at the VP point) on the ``flow`` schedule (t = 1/T, ..., 1).
+Kingma & Gao (2023) read all of these objectives as one loss under different weightings and noise schedules.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ import torch
 
 from .noising import PREDICTION_TYPES, convert_prediction
 from .schedules import NoiseSchedule
+from .schedules import flow_alpha_bar as alpha_bar_of_t  # the VP noise level of flow time t
 
 
 def r(t: torch.Tensor) -> torch.Tensor:
     """The length of the flow point's coefficients: x_t / r(t) is a variance-preserving point."""
     return ((1 - t) ** 2 + t**2).sqrt()
-
-
-def alpha_bar_of_t(t: torch.Tensor) -> torch.Tensor:
-    """alpha_bar(t) = (1 - t)^2 / ((1 - t)^2 + t^2): the VP noise level of flow time t."""
-    return (1 - t) ** 2 / r(t) ** 2
 
 
 def t_of_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:

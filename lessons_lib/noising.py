@@ -15,7 +15,7 @@ import torch
 
 from .schedules import NoiseSchedule
 
-PREDICTION_TYPES = ("eps", "x0", "v")
+PREDICTION_TYPES = ("eps", "x0", "v", "flow")  # flow: the velocity eps - x0 of rectified flow
 
 
 def _timesteps(t: torch.Tensor | int, batch_size: int, schedule: NoiseSchedule) -> torch.Tensor:
@@ -101,10 +101,17 @@ def eps_from_v(xt, t, v, schedule):
     return noise * xt + signal * v
 
 
+def x0_eps_from_flow(xt, t, u, schedule):
+    """x0 = (x_t - sqrt(1 - alpha_bar) u) / (sqrt(alpha_bar) + sqrt(1 - alpha_bar)), eps = (x_t + sqrt(alpha_bar) u) / (...)
+    for the velocity u = eps - x0: both follow from x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
+    signal, noise = _signal_noise(t, xt, schedule)
+    return (xt - noise * u) / (signal + noise), (xt + signal * u) / (signal + noise)
+
+
 def convert_prediction(
     pred: torch.Tensor, source: str, target: str, xt: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule
 ) -> torch.Tensor:
-    """Turn a prediction of type ``source`` into ``target`` (each of ``eps``, ``x0``, ``v``) at (x_t, t)."""
+    """Turn a prediction of type ``source`` into ``target`` (each of ``eps``, ``x0``, ``v``, ``flow``) at (x_t, t)."""
     for kind in (source, target):
         if kind not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {kind!r}; allowed: {', '.join(PREDICTION_TYPES)}")
@@ -112,6 +119,8 @@ def convert_prediction(
         return pred
     if source == "v":
         x0, eps = x0_from_v(xt, t, pred, schedule), eps_from_v(xt, t, pred, schedule)
+    elif source == "flow":
+        x0, eps = x0_eps_from_flow(xt, t, pred, schedule)
     elif source == "eps":
         x0, eps = x0_from_eps(xt, t, pred, schedule), pred
     else:
@@ -120,11 +129,13 @@ def convert_prediction(
         return x0
     if target == "eps":
         return eps
+    if target == "flow":
+        return eps - x0
     return v_from_x0_eps(x0, eps, t, schedule)
 
 
 class EpsModel(torch.nn.Module):
-    """A network whose output is a ``prediction`` (eps, x0 or v), seen as the noise predictor eps_theta(x_t, t, y)
+    """A network whose output is a ``prediction`` (eps, x0, v or flow), seen as the noise predictor eps_theta(x_t, t, y)
     that DDPM's and DDIM's equations are written with. Classifier-free guidance may mix either output: at fixed
     x_t the conversion is affine in the prediction and guidance's weights (1 - w, w) sum to one, so the two commute."""
 

@@ -99,11 +99,24 @@ def sigmoid_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.
     return torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
+def flow_alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow path x_t = (1 - t) x0 + t eps, divided by its length r(t) = sqrt((1 - t)^2 + t^2), is the VP
+    point with alpha_bar(t) = (1 - t)^2 / ((1 - t)^2 + t^2) (see :mod:`lessons_lib.flow`)."""
+    return (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+
+
+def flow_betas(num_steps: int) -> torch.Tensor:
+    """Rectified flow's times t = 1/T, 2/T, ..., 1 as VP steps: alpha_bar_i = flow_alpha_bar((i + 1) / T), ending at 0."""
+    alpha_bar = flow_alpha_bar(torch.arange(num_steps + 1, dtype=torch.float64) / num_steps)
+    return 1.0 - alpha_bar[1:] / alpha_bar[:-1]
+
+
 SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
     "linear": linear_betas,
     "scaled_linear": scaled_linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
+    "flow": flow_betas,
 }
 
 
@@ -124,7 +137,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def get_schedule(name: str, num_steps: int = 1000, *, zero_terminal_snr: bool = False, **kwargs) -> NoiseSchedule:
-    """A named schedule with ``num_steps`` steps: one of ``linear``, ``scaled_linear``, ``cosine``, ``sigmoid``.
+    """A named schedule with ``num_steps`` steps: one of ``linear``, ``scaled_linear``, ``cosine``, ``sigmoid``, ``flow``.
 
     Extra keyword arguments go to the schedule (e.g. ``beta_start``, ``beta_end`` or ``s``).
     ``zero_terminal_snr=True`` applies :func:`rescale_zero_terminal_snr`.

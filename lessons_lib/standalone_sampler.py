@@ -111,6 +111,8 @@ def ddim_sample(net, meta: dict, x_T: np.ndarray, labels: np.ndarray, steps: int
             x0 = (x - noise * out) / signal  # x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
         elif meta["prediction"] == "v":
             x0 = signal * x - noise * out  # x0 = sqrt(ab) x_t - sqrt(1 - ab) v
+        elif meta["prediction"] == "flow":
+            x0 = (x - noise * out) / (signal + noise)  # the velocity u = eps - x0 (rectified flow)
         else:
             x0 = out
         x0 = np.clip(x0, -1, 1)

@@ -116,6 +116,9 @@ class TrainConfig:
                                      ("timesteps", self.timesteps, TIMESTEP_DRAWS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        if self.weighting == "min_snr" and self.prediction == "flow":
+            raise ValueError("min_snr weighting is written for eps, v and x0 targets; train prediction='flow' with "
+                             "weighting='uniform' (rectified flow's loss), choosing t with timesteps")
         if self.max_steps is None and self.epochs is None and self.minutes is None:
             raise ValueError("say how long to train: max_steps, epochs or minutes")
         if self.schedule not in SCHEDULES:
@@ -213,7 +216,7 @@ def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, prediction: str, weig
 def diffusion_loss(model, x0, t, eps, labels, schedule: NoiseSchedule, cfg: TrainConfig) -> torch.Tensor:
     """The weighted regression loss of one batch (DDPM Algorithm 1, line 5, generalised)."""
     xt = q_sample(x0, t, eps, schedule)
-    target = {"eps": eps, "x0": x0, "v": v_from_x0_eps(x0, eps, t, schedule)}[cfg.prediction]
+    target = {"eps": eps, "x0": x0, "v": v_from_x0_eps(x0, eps, t, schedule), "flow": eps - x0}[cfg.prediction]
     pred = model(xt, t, labels).float()
     criterion = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[cfg.loss]
     per_sample = criterion(pred, target.float(), reduction="none").flatten(1).mean(1)

@@ -112,7 +112,7 @@ def test_standalone_sampler_in_a_fresh_process_equals_library_ddim(exported, tmp
         assert (diff.max() if key[1] == "fp32" else diff.mean()) < IMAGE_TOLERANCE[key[1]], key
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "flow"])
 def test_standalone_ddim_is_the_library_ddim(prediction):
     """The runner's numpy DDIM with guidance, driven by the eager model, reproduces samplers.DDIMSampler exactly."""
     pipe = tiny_pipe(prediction)

@@ -93,7 +93,7 @@ def test_prediction_conversions_round_trip():
     torch.testing.assert_close(eps_from_x0(xt, t, x0, S), eps)
     torch.testing.assert_close(x0_from_v(xt, t, v, S), x0)
     torch.testing.assert_close(eps_from_v(xt, t, v, S), eps)
-    truth = {"eps": eps, "x0": x0, "v": v}
+    truth = {"eps": eps, "x0": x0, "v": v, "flow": eps - x0}
     for source in PREDICTION_TYPES:
         for target in PREDICTION_TYPES:
             torch.testing.assert_close(convert_prediction(truth[source], source, target, xt, t, S), truth[target])

@@ -16,6 +16,7 @@ from lessons_lib.schedules import (
 )
 
 STEP_COUNTS = [1, 2, 7, 50, 1000]
+KEEP_SIGNAL = [name for name in SCHEDULES if name != "flow"]  # flow ends at pure noise, alpha_bar_T = 0
 
 
 def test_linear_betas_are_ddpm_values():
@@ -46,7 +47,7 @@ def test_cosine_alpha_bar_equals_its_formula(T):
     assert s.betas.max() <= 0.999
 
 
-@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("name", KEEP_SIGNAL)
 @pytest.mark.parametrize("T", STEP_COUNTS)
 def test_alpha_bar_strictly_decreasing_in_unit_interval(name, T):
     s = get_schedule(name, T)
@@ -58,7 +59,7 @@ def test_alpha_bar_strictly_decreasing_in_unit_interval(name, T):
     torch.testing.assert_close(s.alpha_bar_prev[1:], ab[:-1])
 
 
-@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("name", KEEP_SIGNAL)
 def test_derived_quantities_match_closed_forms(name):
     s = get_schedule(name, 200)
     betas = s.betas.numpy()
@@ -85,6 +86,16 @@ def test_zero_terminal_snr(name, T):
     scale = (a[0] / (a[0] - a[-1]))
     torch.testing.assert_close(b, (a - a[-1]) * scale)
     assert "ztsnr" in z.name
+
+
+@pytest.mark.parametrize("T", [1, 2, 10, 1000])
+def test_flow_schedule_is_rectified_flows_uniform_times(T):
+    """Step i is the VP point of flow time t = (i + 1) / T: alpha_bar = (1 - t)^2 / ((1 - t)^2 + t^2), ending at 0."""
+    s = get_schedule("flow", T)
+    t = torch.arange(1, T + 1, dtype=torch.float64) / T
+    torch.testing.assert_close(s.alpha_bar, (1 - t) ** 2 / ((1 - t) ** 2 + t**2), rtol=0, atol=1e-12)
+    assert s.alpha_bar[-1] == 0 and torch.all(s.alpha_bar[1:] < s.alpha_bar[:-1])
+    torch.testing.assert_close(s.sigmas[:-1], t[:-1] / (1 - t[:-1]))  # sigma = t / (1 - t): the flow's noise-to-signal
 
 
 def test_rescale_rejects_flat_schedules():

@@ -64,7 +64,7 @@ def test_min_snr_weights_closed_form():
     assert torch.equal(T.loss_weights(t, s, "eps", "uniform", g), torch.ones(3))
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
 def test_oracle_has_zero_loss(prediction, tmp_path):
     """A model that returns the exact target scores 0: the target matches the parametrisation."""
     from lessons_lib.noising import convert_prediction
@@ -394,3 +394,16 @@ def test_init_from_starts_a_new_run_from_saved_weights_and_refuses_another_netwo
         T.train(_cfg(tmp_path / "y", max_steps=1, prediction="v", init_from=str(tmp_path / "first")), ds, progress=False)
     with pytest.raises(ValueError, match="changed init_from"):  # resuming "again" from other weights is refused
         T.train(_cfg(tmp_path / "again", max_steps=2, init_from=str(tmp_path / "fresh")), ds, progress=False)
+
+
+def test_a_flow_model_trains_and_samples_through_the_pipeline(tmp_path):
+    """prediction='flow' on the flow schedule: rectified flow's loss in the same trainer, sampled by the same pipeline."""
+    ds = _dataset()
+    with pytest.raises(ValueError, match="min_snr weighting is written for eps, v and x0"):
+        _cfg(tmp_path / "x", prediction="flow", weighting="min_snr")
+    result = T.train(_cfg(tmp_path / "flow", prediction="flow", schedule="flow", max_steps=3), ds, progress=False)
+    assert all(math.isfinite(v) for _, v in result.history)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "flow", device="cpu")
+    assert pipe.prediction == "flow" and pipe.schedule.name == "flow" and float(pipe.schedule.alpha_bar[-1]) == 0
+    images = pipe(2, 3, steps=4, sampler="dpmpp_2m", progress=False)[0]
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
