@@ -1,7 +1,7 @@
 # Diffusion from Scratch: every target sets up what it needs.
 #   make setup          create .venv with the library and its dev tools (once; again when pyproject changes)
 #   make data           find or download Fashion-MNIST and verify it
-#   make lab            open JupyterLab on notebooks/
+#   make lab            open JupyterLab at the repository root with the first lesson
 #   make course         run every lesson headless (papermill) into build/full; SMOKE=1 for build/smoke
 #   make notebooks      re-run every lesson in place (full mode) to refresh the committed outputs
 #   make test           unit tests + every notebook through nbval (smoke mode); what CI runs
@@ -32,7 +32,7 @@ doctor: $(STAMP)
 	$(PY) -m lessons_lib doctor
 
 lab: $(STAMP) data
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m lessons_lib lab
 
 course: $(STAMP) data
 	$(PY) -m lessons_lib course $(if $(filter 1,$(SMOKE)),--smoke,)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from .config import PRETRAINED_DIR
+from .config import PRETRAINED_DIR, REPO_ROOT
 
 
 def _doctor(args) -> int:
@@ -28,6 +29,28 @@ def _data(args) -> int:
         print(err, file=sys.stderr)
         return 1
     return 0
+
+
+def lab_command(jupyter: str, is_root: bool) -> list[str]:
+    """JupyterLab run from the repository root (README and data in its file browser) with the first lesson open."""
+    from .course import lessons
+
+    return [jupyter, "lab", str(lessons()[0].relative_to(REPO_ROOT)), *(["--allow-root"] if is_root else [])]
+
+
+def _lab(args) -> int:
+    import subprocess
+
+    from .config import headless_because
+
+    flags = headless_because()
+    if flags:
+        print(f"note: {', '.join(f'{f}={os.environ[f]}' for f in flags)} is set, so the lessons' widgets will draw static "
+              f"figures; unset {' and '.join(flags)} for live widgets", file=sys.stderr)
+    is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if is_root:
+        print("note: running as root (a container?): JupyterLab needs --allow-root, passed", file=sys.stderr)
+    return subprocess.call(lab_command(str(Path(sys.executable).with_name("jupyter")), is_root), cwd=REPO_ROOT)
 
 
 def _course(args) -> int:
@@ -134,8 +157,6 @@ def _class_arg(value: str | None) -> str | int | None:
 
 
 def _sample(args) -> int:
-    from pathlib import Path
-
     import numpy as np
     import torch
 
@@ -243,8 +264,6 @@ def _read_samples_npz(path: str, n: int | None):
 
 
 def _evaluate(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from .data import to_model
@@ -325,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="print versions, device, data location and known problems")
     p.set_defaults(run=_doctor)
+
+    p = sub.add_parser("lab", help="open JupyterLab at the repository root with the first lesson")
+    p.set_defaults(run=_lab)
 
     p = sub.add_parser("data", help="find (or download) Fashion-MNIST and verify it")
     p.add_argument("--root", default=None, help="look only in this folder")

@@ -40,6 +40,14 @@ def smoke_mode() -> bool:
     return _flag("LESSONS_SMOKE")
 
 
+HEADLESS_FLAGS = ("LESSONS_SMOKE", "LESSONS_HEADLESS", "CI")
+
+
+def headless_because() -> list[str]:
+    """The environment variables that turn the widgets into static figures (empty: live widgets)."""
+    return [name for name in HEADLESS_FLAGS if _flag(name)]
+
+
 def headless() -> bool:
     """True when nobody is looking (papermill, nbval, CI): widgets draw a static figure instead."""
-    return smoke_mode() or _flag("LESSONS_HEADLESS") or _flag("CI")
+    return bool(headless_because())

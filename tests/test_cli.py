@@ -57,6 +57,22 @@ def test_cli_rejects_unknown_command():
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
+def test_lab_opens_the_first_lesson_from_the_repository_root_and_says_why_widgets_are_static(monkeypatch, capsys):
+
+    from lessons_lib import cli
+    from lessons_lib.config import REPO_ROOT
+
+    assert cli.lab_command("jupyter", False) == ["jupyter", "lab", "notebooks/00_welcome_and_data.ipynb"]
+    assert cli.lab_command("jupyter", True)[-1] == "--allow-root"  # JupyterLab refuses to run as root without it
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 0)
+    monkeypatch.setenv("LESSONS_SMOKE", "1")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("LESSONS_HEADLESS", raising=False)
+    assert cli.main(["lab"]) == 0
+    assert "LESSONS_SMOKE=1 is set" in capsys.readouterr().err and calls[0][1] == REPO_ROOT
+
+
 def test_lessons_are_ordered_and_filterable():
     names = [nb.name for nb in course.lessons()]
     assert names == sorted(names) and all(n[:2].isdigit() for n in names)
