@@ -27,7 +27,7 @@ import torch
 from torchvision.utils import make_grid
 
 from .checkpoint import atomic_write
-from .config import BUILD_DIR, headless
+from .config import BUILD_DIR, REPO_ROOT, headless
 from .data import ImageDataset
 from .device import randn
 from .editing import img2img_steps
@@ -351,8 +351,9 @@ class GenerationStudio:
         return max(1, img2img_steps(nfe, c.strength) if c.init_image is not None else nfe)
 
     def save(self, folder: str | Path) -> Path:
-        """Every gallery image as ``NNN_seedS.png`` and ``settings.json`` (one record per Generate, with its files)."""
-        folder = Path(folder)
+        """Every gallery image as ``NNN_seedS.png`` and ``settings.json`` (one record per Generate, with its files).
+        A relative ``folder`` is taken from the repository root, wherever the notebook runs."""
+        folder = REPO_ROOT / folder
         folder.mkdir(parents=True, exist_ok=True)
         records = []
         for k, entry in enumerate(self.gallery):
@@ -408,10 +409,12 @@ class GenerationStudio:
             "strength": W.FloatSlider(value=s["strength"], min=0, max=1, step=0.05, description="strength"),
             "mask": W.Dropdown(options=list(MASKS), value=s["mask"], description="repaint", layout=short),
         }
-        preset = W.Dropdown(options=list(PRESETS), value=None, description="preset", layout=short)
+        built_with = next((name for name, value in PRESETS.items() if value == (s["sampler"], s["steps"])), None)
+        preset = W.Dropdown(options=list(PRESETS), value=built_with, description="preset", layout=short)
         upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
         generate, save = W.Button(description="Generate", button_style="primary"), W.Button(description="Save")
-        folder = W.Text(value=str(BUILD_DIR / "studio"), description="folder", layout=W.Layout(width="420px"))
+        folder = W.Text(value=str((BUILD_DIR / "studio").relative_to(REPO_ROOT)), description="folder",
+                        layout=W.Layout(width="420px"))
         progress = W.IntProgress(value=0, min=0, max=1, description="progress")
         status, gallery_out, error_out = W.HTML(), W.Output(), W.Output()
 
@@ -456,6 +459,15 @@ class GenerationStudio:
                 controls["sampler"].value, steps = PRESETS[preset.value]
                 controls["steps"].value = min(steps, T)
 
+        def on_mode(_change=None):  # controls that the chosen mode does not use are greyed out
+            mode = controls["mode"].value
+            for control in (controls["source"], controls["index"], upload):
+                control.disabled = mode == "generate"
+            controls["strength"].disabled = mode != "image-to-image"
+            controls["mask"].disabled = mode != "inpaint"
+
+        on_mode()
+        controls["mode"].observe(on_mode, names="value")
         generate.on_click(settings_error(on_generate))
         save.on_click(settings_error(on_save))
         upload.observe(settings_error(on_upload), names="value")

@@ -168,6 +168,13 @@ def test_studio_generate_click_adds_gallery_entry_with_its_settings(pipe, ds, li
 
     studio = widgets.GenerationStudio(pipe, ds, num_images=2)
     box = studio.widget()
+    assert _find(box, "preset").value == "fast"  # the preset it was built with, not a blank
+    assert _find(box, "folder").value == "build/studio"  # relative to the repository, where save() writes it
+    edit_only = ("source", "image #", "upload", "strength", "repaint")
+    assert all(_find(box, name).disabled for name in edit_only)  # generate mode uses none of them
+    _find(box, "mode").value = "inpaint"
+    assert [_find(box, name).disabled for name in edit_only] == [False, False, False, True, False]
+    _find(box, "mode").value = "generate"
     _find(box, "class").value = "Sneaker"
     _find(box, "sampler").value = "ddim"
     _find(box, "steps").value = 4
