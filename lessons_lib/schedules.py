@@ -111,13 +111,13 @@ def flow_betas(num_steps: int) -> torch.Tensor:
     return 1.0 - alpha_bar[1:] / alpha_bar[:-1]
 
 
-SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
+SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {  # the noise schedules lesson 02 compares
     "linear": linear_betas,
     "scaled_linear": scaled_linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
-    "flow": flow_betas,
 }
+NAMED_SCHEDULES = {**SCHEDULES, "flow": flow_betas}  # and rectified flow's straight path (lessons_lib.flow)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -142,12 +142,12 @@ def get_schedule(name: str, num_steps: int = 1000, *, zero_terminal_snr: bool = 
     Extra keyword arguments go to the schedule (e.g. ``beta_start``, ``beta_end`` or ``s``).
     ``zero_terminal_snr=True`` applies :func:`rescale_zero_terminal_snr`.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+    if name not in NAMED_SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(NAMED_SCHEDULES)}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     try:
-        betas = SCHEDULES[name](num_steps, **kwargs)
+        betas = NAMED_SCHEDULES[name](num_steps, **kwargs)
     except TypeError as err:
         raise TypeError(f"schedule {name!r}: {err}") from None
     if zero_terminal_snr:

@@ -35,7 +35,7 @@ from .device import get_device, randn, training_autocast_dtype
 from .noising import PREDICTION_TYPES, q_sample, v_from_x0_eps
 from .pipeline import DiffusionPipeline
 from .samplers import get_sampler, sample
-from .schedules import SCHEDULES, NoiseSchedule, get_schedule, schedule_record
+from .schedules import NAMED_SCHEDULES, NoiseSchedule, get_schedule, schedule_record
 from .unet import UNet, UNetConfig, count_parameters
 
 LOSSES = ("l2", "l1", "huber")
@@ -121,8 +121,8 @@ class TrainConfig:
                              "weighting='uniform' (rectified flow's loss), choosing t with timesteps")
         if self.max_steps is None and self.epochs is None and self.minutes is None:
             raise ValueError("say how long to train: max_steps, epochs or minutes")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.schedule not in NAMED_SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; allowed: {', '.join(NAMED_SCHEDULES)}")
         for name, low in (("lr", 0), ("weight_decay", None), ("min_snr_gamma", 0), ("epochs", 0), ("minutes", 0),
                           ("logsnr_mean", None)):
             _check_number(name, getattr(self, name), low, allow_none=name in ("epochs", "minutes"))
