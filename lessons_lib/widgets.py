@@ -96,7 +96,8 @@ def _live(fig: Figure, controls: dict, update) -> object:
     for control in controls.values():
         control.observe(guarded, names="value")
     guarded()
-    return W.VBox([W.HBox(list(controls.values())), plot_out, error_out])
+    wrap = W.Layout(flex_flow="row wrap")  # on a narrow window the controls move to a second row, not shrink
+    return W.VBox([W.HBox(list(controls.values()), layout=wrap), plot_out, error_out])
 
 
 class NoisingExplorer:
@@ -115,7 +116,7 @@ class NoisingExplorer:
             ax.set_xticks([]), ax.set_yticks([])
         self.ax_x0, self.ax_xt = ax_x0, ax_xt
         (self.curve,) = ax_ab.plot([], [], color="tab:blue")
-        (self.marker,) = ax_ab.plot([], [], "o", color="tab:red")
+        (self.marker,) = ax_ab.plot([], [], "o", color="tab:red", clip_on=False)  # whole at t = 0 and t = T - 1
         ax_ab.set(xlabel="t", ylabel=r"$\bar\alpha_t$", ylim=(-0.02, 1.02), xlim=(0, num_steps - 1))
         self.ax_ab = ax_ab
         self.fig.suptitle(r"Forward noising explorer: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$")
@@ -149,8 +150,10 @@ class NoisingExplorer:
 
         s = self.state
         controls = {
-            "t": W.IntSlider(value=s["t"], min=0, max=self.num_steps - 1, description="t", continuous_update=True),
-            "index": W.IntSlider(value=s["index"], min=0, max=min(len(self.dataset), max_index) - 1, description="image"),
+            "t": W.IntSlider(value=s["t"], min=0, max=self.num_steps - 1, description="t", continuous_update=True,
+                             layout=W.Layout(width="420px")),
+            "index": W.IntSlider(value=s["index"], min=0, max=min(len(self.dataset), max_index) - 1, description="image",
+                                 layout=W.Layout(width="320px")),
             "schedule": W.Dropdown(options=list(SCHEDULES), value=s["schedule"], description="schedule"),
             "seed": W.IntText(value=s["seed"], description="seed", layout=W.Layout(width="150px")),
         }
@@ -161,6 +164,9 @@ def noising_explorer(dataset: ImageDataset, **settings):
     """A live noising explorer, or its static figure when the notebook runs headless."""
     explorer = NoisingExplorer(dataset, **settings)
     return explorer.fig if headless() else explorer.widget()
+
+
+T_CHOICES = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)  # the schedule explorer's T: every value a stop
 
 
 class ScheduleExplorer:
@@ -185,6 +191,8 @@ class ScheduleExplorer:
             c = schedule_curves(name, self.state["num_steps"], self.state["zero_terminal_snr"])
             line_ab.set_data(c["u"], c["alpha_bar"])
             line_snr.set_data(c["u"], c["log10_snr"])
+            for line in (line_ab, line_snr):  # a few steps: dots, so one finite point still shows
+                line.set_marker("o" if self.state["num_steps"] <= 20 else "")
             finite = c["log10_snr"][np.isfinite(c["log10_snr"])]
             lo, hi = min(lo, finite.min()), max(hi, finite.max())
         self.ax_snr.set_ylim(lo - 0.5, hi + 0.5)
@@ -195,7 +203,9 @@ class ScheduleExplorer:
         import ipywidgets as W
 
         controls = {
-            "num_steps": W.IntSlider(value=self.state["num_steps"], min=2, max=2000, step=1, description="T"),
+            "num_steps": W.SelectionSlider(options=T_CHOICES if self.state["num_steps"] in T_CHOICES else
+                                           sorted({*T_CHOICES, self.state["num_steps"]}),
+                                           value=self.state["num_steps"], description="T", layout=W.Layout(width="420px")),
             "zero_terminal_snr": W.Checkbox(value=self.state["zero_terminal_snr"], description="zero terminal SNR"),
         }
         return _live(self.fig, controls, self.update)

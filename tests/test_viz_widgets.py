@@ -129,8 +129,12 @@ def test_schedule_explorer_update(monkeypatch):
     monkeypatch.delenv("LESSONS_SMOKE", raising=False)
     monkeypatch.delenv("CI", raising=False)
     box = ex.widget()
-    box.children[0].children[0].value = 300
-    assert len(line_ab.get_xdata()) == 300
+    slider = box.children[0].children[0]
+    assert {10, 20, 1000} <= set(slider.options)  # every T the lesson asks for is a stop of the slider
+    slider.value = 200
+    assert len(line_ab.get_xdata()) == 200
+    ex.update(num_steps=2, zero_terminal_snr=True)  # one finite SNR: drawn as a dot, not an empty panel
+    assert ex.lines["linear"][1].get_marker() == "o"
 
 
 # ---------------------------------------------------------------------------------------------------
