@@ -69,6 +69,8 @@ def check_parameters(nb: Path, values: dict) -> None:
     if unknown:
         raise ValueError(f"{nb.stem} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
     for name, value in values.items():
+        if value is None and "None" in known[name]:  # an optional parameter (MINUTES = None if SMOKE else 30)
+            continue
         expected = _literal_type(known[name])
         ok = expected is None or isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):

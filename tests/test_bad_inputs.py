@@ -191,6 +191,7 @@ def test_a_lesson_run_with_papermill_refuses_a_mistyped_parameter_before_any_wor
     with pytest.raises(ValueError, match="parameter N_DRAWS takes int values"):
         course.check_running_lesson("01", {"N_DRAWS": "lots", "T": 1000})
     course.check_running_lesson("01", {"N_DRAWS": 500, "T": 200, "SEED": 3})
+    course.check_running_lesson("04", {"MINUTES": None, "MAX_STEPS": 200})  # the smoke values of optional ones
     with pytest.raises(papermill.PapermillExecutionError, match="parameter N_DRAWS takes int values") as err:
         papermill.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(tmp_path), kernel_name="python3",
                                    parameters={"N_DRAWS": "lots"}, progress_bar=False)
