@@ -46,19 +46,22 @@ def lesson_parameters(nb: Path) -> dict[str, str]:
         translators.setLevel(level)
 
 
-def _literal_type(default: str) -> type | None:
-    """int, float, str or bool when every constant in a default's expression has that type (``2_000 if SMOKE else
-    20_000``: int; a None branch means "optional" and is left out); None when it cannot be told (a call, a tuple
-    of mixed values, no constant at all, a default of None)."""
+def _literal_type(default: str) -> tuple[type | None, bool]:
+    """The type of a default's literals and whether it may be None. The type is int, float, str or bool when every
+    constant in the expression has it (``2_000 if SMOKE else 20_000``: int; a None branch, as in ``None if SMOKE
+    else 30``, makes the parameter optional and is left out), None when it cannot be told (a call, a tuple of mixed
+    values, no constant at all, a default of None)."""
     try:
         tree = ast.parse(default, mode="eval")
     except SyntaxError:
-        return None
+        return None, False
+    constants = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)]
+    optional = any(value is None for value in constants)
     if any(isinstance(node, ast.Call) for node in ast.walk(tree)):
-        return None
-    kinds = {type(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value is not None}
+        return None, optional
+    kinds = {type(value) for value in constants if value is not None}
     top = tree.body.body if isinstance(tree.body, ast.IfExp) else tree.body
-    return kinds.pop() if len(kinds) == 1 and isinstance(top, ast.Constant | ast.IfExp) else None
+    return (kinds.pop() if len(kinds) == 1 and isinstance(top, ast.Constant | ast.IfExp) else None), optional
 
 
 def check_parameters(nb: Path, values: dict) -> None:
@@ -69,9 +72,9 @@ def check_parameters(nb: Path, values: dict) -> None:
     if unknown:
         raise ValueError(f"{nb.stem} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
     for name, value in values.items():
-        if value is None and "None" in known[name]:  # an optional parameter (MINUTES = None if SMOKE else 30)
+        expected, optional = _literal_type(known[name])
+        if value is None and optional:  # MINUTES = None if SMOKE else 30
             continue
-        expected = _literal_type(known[name])
         ok = expected is None or isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True

@@ -37,7 +37,7 @@ def t_of_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 def flow_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x0 + t eps (Liu et al. 2022, eq. 1), t of shape (B,)."""
-    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    t = _b(t, x0)
     return (1 - t) * x0 + t * eps
 
 
@@ -70,7 +70,7 @@ class FlowAsEps(torch.nn.Module):
 
 
 class VelocityOf(torch.nn.Module):
-    """A VP model predicting ``prediction`` (eps, x0 or v) on ``schedule`` as a flow model u(x_t, t, y).
+    """A VP model predicting ``prediction`` (eps, x0, v or flow) on ``schedule`` as a flow model u(x_t, t, y).
 
     The network knows only the schedule's integer steps: flow time t is sent to the step whose alpha_bar is
     nearest in log-SNR, and its output is read at that step's noise level (exact at the grid's own times)."""
@@ -90,10 +90,7 @@ class VelocityOf(torch.nn.Module):
         k = ((ab / (1 - ab)).log() - (target / (1 - target)).log()[:, None]).abs().argmin(1)
         t_k = t_of_alpha_bar(ab[k]).to(x.dtype)
         x_vp = x / _b(r(t_k), x)
-        out = self.model(x_vp, k, class_labels)
-        x0 = convert_prediction(out, self.prediction, "x0", x_vp, k, self.schedule)
-        eps = convert_prediction(out, self.prediction, "eps", x_vp, k, self.schedule)
-        return eps - x0  # u = eps - x0
+        return convert_prediction(self.model(x_vp, k, class_labels), self.prediction, "flow", x_vp, k, self.schedule)
 
 
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:

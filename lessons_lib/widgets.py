@@ -203,8 +203,7 @@ class ScheduleExplorer:
         import ipywidgets as W
 
         controls = {
-            "num_steps": W.SelectionSlider(options=T_CHOICES if self.state["num_steps"] in T_CHOICES else
-                                           sorted({*T_CHOICES, self.state["num_steps"]}),
+            "num_steps": W.SelectionSlider(options=sorted({*T_CHOICES, self.state["num_steps"]}),
                                            value=self.state["num_steps"], description="T", layout=W.Layout(width="420px")),
             "zero_terminal_snr": W.Checkbox(value=self.state["zero_terminal_snr"], description="zero terminal SNR"),
         }
