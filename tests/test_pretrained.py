@@ -42,31 +42,28 @@ def test_samples_have_shape_range_and_the_requested_class(pipe):
                              f"classes: {FASHION_MNIST_CLASSES}")
 
 
-NEXT_MODEL = PRETRAINED_MODEL.parent / "ddpm_fmnist_next"  # the long-recipe model the lessons move to
-
-
 @pytest.fixture(scope="module")
-def unguided_next():
-    """10 unguided samples of each class from the successor, DPM-Solver++ 2M with 20 steps."""
-    pipe = DiffusionPipeline.from_pretrained(NEXT_MODEL, device="cpu")
+def unguided(pipe):
+    """10 unguided samples of each class, DPM-Solver++ 2M with 20 steps."""
     images = torch.cat([pipe(10, c, steps=20, sampler="dpmpp_2m", seed=100 * c, progress=False)[0] for c in range(10)])
     return images, torch.arange(10).repeat_interleave(10)
 
 
-def test_the_successor_draws_the_requested_class_unguided(unguided_next):
-    images, labels = unguided_next
+def test_unguided_samples_show_the_requested_class(unguided):
+    images, labels = unguided
     assert images.shape == (100, 1, 28, 28) and torch.isfinite(images).all()
     with torch.no_grad():
         accuracy = (default_classifier()(images).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.8, f"without guidance the classifier agrees with the requested class on {accuracy:.0%}"
 
 
-def test_the_successor_looks_like_the_data_not_saturated_silhouettes(unguided_next):
+def test_samples_look_like_the_data_not_saturated_silhouettes(unguided):
     """Per class, the share of near-white pixels (> 0.9) and the mean brightness match the training images':
-    a model that paints over-bright silhouettes (the failure of short training runs) has 5-10x the white pixels."""
+    a model that paints over-bright silhouettes (the failure of short training runs) has 5-10x the white pixels
+    (the course's earlier 3-epoch model: 18.6 % vs 1.8 % in the data)."""
     from lessons_lib.data import load_fashion_mnist, to_model
 
-    images, labels = unguided_next
+    images, labels = unguided
     train = load_fashion_mnist("train")
     real, real_labels = to_model(train.images[:20_000]), train.labels[:20_000]
     for c, name in enumerate(FASHION_MNIST_CLASSES):

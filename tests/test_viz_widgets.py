@@ -8,6 +8,7 @@ import torch
 from lessons_lib import data, viz, widgets
 from lessons_lib.device import randn
 from lessons_lib.noising import q_sample
+from lessons_lib.pipeline import PRESETS
 from lessons_lib.schedules import SCHEDULES, get_schedule
 
 
@@ -196,7 +197,7 @@ def test_studio_generate_click_adds_gallery_entry_with_its_settings(pipe, ds, li
     assert progress.value == progress.max == 4  # one network call per DDIM step (both guidance branches in one batch)
     assert "Sneaker" in box.children[5].value  # the status line shows the caption
     _find(box, "preset").value = "balanced"
-    assert (_find(box, "sampler").value, _find(box, "steps").value) == ("dpmpp_2m", 25)
+    assert (_find(box, "sampler").value, _find(box, "steps").value) == PRESETS["balanced"]
 
 
 def test_studio_save_writes_pngs_and_reproducible_settings(pipe, ds, tmp_path):
@@ -271,5 +272,5 @@ def test_studio_headless_returns_a_static_figure(pipe, ds, monkeypatch):
     monkeypatch.setenv("LESSONS_HEADLESS", "1")
     fig = widgets.generation_studio(pipe, ds, prompt="Bag", steps=2, num_images=3)
     assert isinstance(fig, viz.Figure) and fig._repr_png_().startswith(b"\x89PNG")
-    assert len(fig.axes) == 1 and fig.axes[0].get_title(loc="left").startswith("Bag · dpmpp_2m 2 steps")
+    assert len(fig.axes) == 1 and fig.axes[0].get_title(loc="left").startswith(f"Bag · {PRESETS['fast'][0]} 2 steps")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["seed 0", "seed 1", "seed 2"]
