@@ -483,12 +483,16 @@ class GenerationStudio:
         preset.observe(settings_error(on_preset), names="value")
         show_gallery()
         c = controls
+
+        def row(*items):  # as in _live: on a narrow window the controls wrap to a new line instead of shrinking
+            return W.HBox(list(items), layout=W.Layout(flex_flow="row wrap"))
+
         return W.VBox([
-            W.HBox([c["prompt"], c["negative"], preset, c["sampler"]]),
-            W.HBox([c["steps"], c["guidance_scale"], c["num_images"], c["seed"]]),
-            W.HBox([c["mode"]]),
-            W.HBox([c["source"], c["index"], upload, c["strength"], c["mask"]]),
-            W.HBox([generate, progress, save, folder]),
+            row(c["prompt"], c["negative"], preset, c["sampler"]),
+            row(c["steps"], c["guidance_scale"], c["num_images"], c["seed"]),
+            row(c["mode"]),
+            row(c["source"], c["index"], upload, c["strength"], c["mask"]),
+            row(generate, progress, save, folder),
             status, gallery_out, error_out,
         ])
 
