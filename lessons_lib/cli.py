@@ -57,7 +57,8 @@ def _course(args) -> int:
     from .course import parse_value, run_course
 
     parameters = {name: parse_value(value) for name, value in args.parameter or []}
-    results = run_course(smoke=args.smoke, inplace=args.inplace, only=args.only, parameters=parameters)
+    results = run_course(smoke=args.smoke, inplace=args.inplace, only=args.only, parameters=parameters,
+                         record_times=args.record_times)
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="shrunk parameters (LESSONS_SMOKE=1)")
     p.add_argument("--inplace", action="store_true", help="write outputs into notebooks/ (to commit them)")
     p.add_argument("--only", nargs="*", default=None, help="lesson name prefixes, e.g. 00 01")
+    p.add_argument("--record-times", action="store_true",
+                   help="store each lesson's seconds in notebooks/runtimes.json (--inplace does too)")
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a parameter of the lessons run, e.g. -p N_DRAWS 500 (unknown names are refused)")
     p.set_defaults(run=_course)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import ast
+import datetime
+import json
 import os
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .config import BUILD_DIR, NOTEBOOKS_DIR
+
+# Seconds per lesson measured by ``course --record-times`` (``--inplace`` records too): the one source of the
+# runtimes the README's lesson table and every lesson's header quote (a test keeps them equal).
+RUNTIMES = NOTEBOOKS_DIR / "runtimes.json"
 
 
 @dataclass
@@ -110,13 +118,52 @@ def _strip_run_metadata(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def format_runtime(seconds: float) -> str:
+    """A measured runtime as lessons and the README print it: 40 s, 3 min (rounded to 5 s below a minute)."""
+    if seconds < 57.5:
+        return f"{max(5, 5 * round(seconds / 5))} s"
+    return f"{max(1, round(seconds / 60))} min"
+
+
+def read_runtimes(path: Path = RUNTIMES) -> dict:
+    """``{lesson: {mode: entry}}`` from ``notebooks/runtimes.json``; modes ``smoke`` and ``full`` (a 2-core CPU) and
+    ``gpu_smoke`` and ``gpu_full``; an entry is a measurement ``{"seconds", "date", "machine"}`` or ``{"estimate"}``."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def runtime_text(lesson: str, mode: str, runtimes: dict | None = None) -> str:
+    """What the README and the lesson's header print for ``lesson`` in ``mode``: the measurement or the estimate."""
+    entry = (read_runtimes() if runtimes is None else runtimes).get(lesson, {}).get(mode)
+    if entry is None:
+        raise ValueError(f"notebooks/runtimes.json has no {mode!r} entry for {lesson}: run "
+                         f"`python -m lessons_lib course --only {lesson[:2]} --record-times` (add --smoke for smoke)")
+    return format_runtime(entry["seconds"]) if "seconds" in entry else entry["estimate"]
+
+
+def record_runtimes(results: Sequence[LessonResult], smoke: bool, path: Path = RUNTIMES) -> None:
+    """Store the seconds of the lessons that ran to the end under their mode (on a GPU: ``gpu_smoke``, ``gpu_full``),
+    keeping the other entries."""
+    import torch
+
+    runtimes = read_runtimes(path)
+    gpu = torch.cuda.is_available()
+    machine = torch.cuda.get_device_name() if gpu else f"{platform.machine()}, {os.cpu_count()} CPUs"
+    mode = ("gpu_" if gpu else "") + ("smoke" if smoke else "full")
+    for r in results:
+        if r.ok:
+            runtimes.setdefault(r.name, {})[mode] = {
+                "seconds": round(r.seconds, 1), "date": datetime.date.today().isoformat(), "machine": machine}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(dict(sorted(runtimes.items())), indent=1) + "\n"))
+
+
 def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] | None = None,
-               parameters: dict | None = None) -> list[LessonResult]:
+               parameters: dict | None = None, record_times: bool = False) -> list[LessonResult]:
     """Execute the lessons in fresh kernels from ``build/`` (not their own folder) and print a table.
 
     ``inplace`` rewrites ``notebooks/`` with the outputs (for committing a full run); otherwise outputs
     go to ``build/full`` or ``build/smoke``. ``parameters`` override the lessons' defaults; every lesson
     run must have each of them (:func:`check_parameters`), checked before the first one starts.
+    ``record_times`` (implied by ``inplace``) stores each lesson's seconds in ``notebooks/runtimes.json``.
     """
     import papermill
 
@@ -124,6 +171,8 @@ def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] |
         raise ValueError("committed notebooks hold the outputs of a full run: use --inplace without --smoke")
     if inplace and parameters:
         raise ValueError("committed notebooks hold the outputs of a full run with the defaults: no parameters with --inplace")
+    if record_times and parameters:
+        raise ValueError("recorded runtimes are those of the lessons' defaults: no parameters with --record-times")
     parameters = parameters or {}
     for nb in lessons(only):
         check_parameters(nb, parameters)
@@ -147,6 +196,8 @@ def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] |
         if inplace:
             _strip_run_metadata(output)
     print(format_table(results, smoke))
+    if inplace or record_times:
+        record_runtimes(results, smoke)
     return results
 
 

@@ -96,8 +96,14 @@ def _live(fig: Figure, controls: dict, update) -> object:
     for control in controls.values():
         control.observe(guarded, names="value")
     guarded()
-    wrap = W.Layout(flex_flow="row wrap")  # on a narrow window the controls move to a second row, not shrink
-    return W.VBox([W.HBox(list(controls.values()), layout=wrap), plot_out, error_out])
+    return W.VBox([_row(*controls.values()), plot_out, error_out])
+
+
+def _row(*items):
+    """Controls side by side; on a narrow window they move to a second row instead of shrinking."""
+    import ipywidgets as W
+
+    return W.HBox(list(items), layout=W.Layout(flex_flow="row wrap"))
 
 
 class NoisingExplorer:
@@ -412,7 +418,9 @@ class GenerationStudio:
             "guidance_scale": W.FloatSlider(value=s["guidance_scale"], min=0, max=10, step=0.5, description="guidance"),
             "seed": W.IntText(value=s["seed"], description="seed", layout=W.Layout(width="160px")),
             "num_images": W.IntSlider(value=s["num_images"], min=1, max=8, description="images"),
-            "mode": W.ToggleButtons(options=list(MODES), value=s["mode"], description="mode"),
+            "mode": W.ToggleButtons(options=list(MODES), value=s["mode"], description="mode",  # ToggleButtons is a block:
+                                    layout=W.Layout(display="flex", align_items="center"),  # its label goes beside
+                                    style={"button_width": "132px"}),  # the buttons, and "image-to-image" fits
             "source": W.Dropdown(options=list(SOURCES), value=s["source"], description="source", layout=short),
             "index": W.IntText(value=s["index"], description="image #", layout=W.Layout(width="160px")),
             "strength": W.FloatSlider(value=s["strength"], min=0, max=1, step=0.05, description="strength"),
@@ -483,16 +491,12 @@ class GenerationStudio:
         preset.observe(settings_error(on_preset), names="value")
         show_gallery()
         c = controls
-
-        def row(*items):  # as in _live: on a narrow window the controls wrap to a new line instead of shrinking
-            return W.HBox(list(items), layout=W.Layout(flex_flow="row wrap"))
-
         return W.VBox([
-            row(c["prompt"], c["negative"], preset, c["sampler"]),
-            row(c["steps"], c["guidance_scale"], c["num_images"], c["seed"]),
-            row(c["mode"]),
-            row(c["source"], c["index"], upload, c["strength"], c["mask"]),
-            row(generate, progress, save, folder),
+            _row(c["prompt"], c["negative"], preset, c["sampler"]),
+            _row(c["steps"], c["guidance_scale"], c["num_images"], c["seed"]),
+            _row(c["mode"]),
+            _row(c["source"], c["index"], upload, c["strength"], c["mask"]),
+            _row(generate, progress, save, folder),
             status, gallery_out, error_out,
         ])
 

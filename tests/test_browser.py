@@ -257,6 +257,11 @@ def document(widget, name: str, slider_tracks: dict) -> None:
         print(f"{name} at {width} px: slider tracks {tracks[width]}")
         narrow = {label: px for label, px in tracks[width].items() if px < MIN_TRACK}
         assert not narrow, f"{name} at a {width} px window: slider tracks under {MIN_TRACK} px: {narrow}"
+        for i in range(widget.locator(".widget-toggle-buttons").count()):  # a label sits beside its buttons
+            group = widget.locator(".widget-toggle-buttons").nth(i)
+            label, first = group.locator("label.widget-label").bounding_box(), group.locator("button").first.bounding_box()
+            assert abs(label["y"] - first["y"]) < first["height"] / 2, \
+                f"{name} at a {width} px window: a toggle-buttons label sits above its buttons ({label}, {first})"
 
 
 def assert_no_widget_errors(console: list[str]) -> None:

@@ -88,6 +88,21 @@ def test_course_table():
     assert "00_a" in table and "FAILED" in table and "boom" in table and "1/2 ok" in table and "smoke" in table
 
 
+def test_record_runtimes_keeps_other_modes_and_skips_failures(tmp_path):
+    path = tmp_path / "runtimes.json"
+    path.write_text('{"00_a": {"full": {"seconds": 9.0}, "gpu_full": {"estimate": "< 15 s"}}}')
+    course.record_runtimes([course.LessonResult("00_a", True, 12.34, None), course.LessonResult("01_b", False, 2.0, None)],
+                           smoke=True, path=path)
+    runtimes = course.read_runtimes(path)
+    assert set(runtimes) == {"00_a"} and runtimes["00_a"]["smoke"]["seconds"] == 12.3
+    assert runtimes["00_a"]["full"] == {"seconds": 9.0} and course.runtime_text("00_a", "gpu_full", runtimes) == "< 15 s"
+    assert course.runtime_text("00_a", "smoke", runtimes) == "10 s"
+    with pytest.raises(ValueError, match="no 'full' entry for 01_b"):
+        course.runtime_text("01_b", "full", runtimes)
+    with pytest.raises(ValueError, match="no parameters with --record-times"):
+        course.run_course(smoke=True, only=["01"], parameters={"T": 200}, record_times=True)
+
+
 def test_cli_sample_reports_a_missing_model_folder(tmp_path):
     result = _run("sample", "--checkpoint", str(tmp_path / "none"), "--n", "1")
     assert result.returncode == 1 and "cannot load" in result.stderr and "config.json not found" in result.stderr

@@ -39,3 +39,25 @@ def test_every_widget_output_can_be_displayed(nb):
         if any(f"widgets.{name}(" in "".join(cell["source"]) for name in ("noising_explorer", "schedule_explorer",
                                                                           "generation_studio")):
             assert "image/png" in kinds, f"{nb.name}: a live widget's cell without its static figure"
+
+
+RUNTIMES = course.read_runtimes()
+README_ROWS = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[1:-1]]
+               for line in (course.NOTEBOOKS_DIR.parent / "README.md").read_text().splitlines() if line.startswith("| 0")}
+
+
+@pytest.mark.parametrize("nb", LESSONS, ids=[nb.stem for nb in LESSONS])
+def test_runtimes_come_from_one_source(nb):
+    """The README's lesson table and the lesson's header print the runtimes of notebooks/runtimes.json (written by
+    ``course --record-times``): a re-timed lesson changes them everywhere or the suite says where."""
+    text = {mode: course.runtime_text(nb.stem, mode, RUNTIMES) for mode in ("smoke", "full", "gpu_smoke", "gpu_full")}
+    header = "".join(json.loads(nb.read_text())["cells"][0]["source"])
+    assert f"| 2-core CPU, measured | {text['smoke']} | {text['full']} |" in header, f"{nb.name}: header runtimes"
+    assert f"| GPU, estimated | {text['gpu_smoke']} | {text['gpu_full']} |" in header, f"{nb.name}: header GPU row"
+    row = README_ROWS[nb.name[:2]]
+    assert row[3:5] == [f"{text['smoke']} / {text['full']}", text["gpu_full"]], f"README's row for lesson {nb.name[:2]}"
+
+
+def test_format_runtime():
+    assert [course.format_runtime(s) for s in (2, 12, 57, 58, 89, 91, 709)] == \
+        ["5 s", "10 s", "55 s", "1 min", "1 min", "2 min", "12 min"]
