@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .config import BUILD_DIR, NOTEBOOKS_DIR
+from .config import BUILD_DIR, NOTEBOOKS_DIR, REPO_ROOT
 
 # Seconds per lesson measured by ``course --record-times`` (``--inplace`` records too): the one source of the
 # runtimes the README's lesson table and every lesson's header quote (a test keeps them equal).
 RUNTIMES = NOTEBOOKS_DIR / "runtimes.json"
+README = REPO_ROOT / "README.md"
 
 
 @dataclass
@@ -140,6 +141,45 @@ def runtime_text(lesson: str, mode: str, runtimes: dict | None = None) -> str:
     return format_runtime(entry["seconds"]) if "seconds" in entry else entry["estimate"]
 
 
+def runtime_rows(lesson: str, runtimes: dict | None = None) -> tuple[str, str]:
+    """The CPU and GPU rows of a lesson header's runtime table (columns: smoke, full lesson)."""
+    text = {mode: runtime_text(lesson, mode, runtimes) for mode in ("smoke", "full", "gpu_smoke", "gpu_full")}
+    return (f"| 2-core CPU | {text['smoke']} | {text['full']} |",
+            f"| GPU (estimated) | {text['gpu_smoke']} | {text['gpu_full']} |")
+
+
+def readme_runtime_cells(lesson: str, runtimes: dict | None = None) -> list[str]:
+    """The README lesson table's two runtime cells: "smoke / full" on a 2-core CPU, and the GPU's full run."""
+    return [f"{runtime_text(lesson, 'smoke', runtimes)} / {runtime_text(lesson, 'full', runtimes)}",
+            runtime_text(lesson, "gpu_full", runtimes)]
+
+
+def write_runtime_texts(names: Sequence[str], runtimes: dict | None = None, readme: Path = README,
+                        notebooks_dir: Path = NOTEBOOKS_DIR) -> None:
+    """Rewrite the runtime rows of these lessons' headers and README rows from ``runtimes`` (what ``--record-times``
+    just stored), so a re-timed lesson is quoted the same everywhere."""
+    import nbformat
+
+    runtimes = read_runtimes() if runtimes is None else runtimes
+    lines = readme.read_text().splitlines(keepends=True)
+    for name in names:
+        nb_path = notebooks_dir / f"{name}.ipynb"
+        nb = nbformat.read(nb_path, as_version=4)
+        cpu, gpu = runtime_rows(name, runtimes)
+        header = nb.cells[0].source.splitlines()
+        if not any(line.startswith("| 2-core CPU |") for line in header):
+            raise ValueError(f"{nb_path.name}: its first cell has no '| 2-core CPU |' runtime row to rewrite")
+        nb.cells[0].source = "\n".join(cpu if line.startswith("| 2-core CPU |") else
+                                       gpu if line.startswith("| GPU (estimated) |") else line for line in header)
+        nbformat.write(nb, nb_path)
+        for i, line in enumerate(lines):
+            if line.startswith(f"| {name[:2]} |"):
+                cells = line.rstrip("\n").split("|")  # the runtimes are the last two cells (a cell may hold \|)
+                cells[-3:-1] = [f" {cell} " for cell in readme_runtime_cells(name, runtimes)]
+                lines[i] = "|".join(cells) + "\n"
+    atomic_write(readme, lambda tmp: tmp.write_text("".join(lines)))
+
+
 def record_runtimes(results: Sequence[LessonResult], smoke: bool, path: Path = RUNTIMES) -> None:
     """Store the seconds of the lessons that ran to the end under their mode (on a GPU: ``gpu_smoke``, ``gpu_full``),
     keeping the other entries."""
@@ -198,6 +238,7 @@ def run_course(smoke: bool = False, inplace: bool = False, only: Sequence[str] |
     print(format_table(results, smoke))
     if inplace or record_times:
         record_runtimes(results, smoke)
+        write_runtime_texts([r.name for r in results if r.ok])
     return results
 
 

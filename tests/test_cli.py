@@ -103,6 +103,28 @@ def test_record_runtimes_keeps_other_modes_and_skips_failures(tmp_path):
         course.run_course(smoke=True, only=["01"], parameters={"T": 200}, record_times=True)
 
 
+def test_write_runtime_texts_rewrites_header_rows_and_readme_cells(tmp_path):
+    import nbformat
+
+    runtimes = {"01_b": {"smoke": {"seconds": 8.5}, "full": {"seconds": 700.0}, "gpu_smoke": {"estimate": "< 20 s"},
+                         "gpu_full": {"estimate": "~1 min"}}}
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "# 01\n\n| expected runtime | smoke | full lesson |\n|---|---|---|\n| 2-core CPU | 1 s | 2 s |\n"
+        "| GPU (estimated) | 3 s | 4 s |\n\nAfter the table.")])
+    nbformat.write(nb, tmp_path / "01_b.ipynb")
+    readme = tmp_path / "README.md"
+    readme.write_text("| # | lesson | you will | cpu | gpu |\n| 01 | [B](b) | write q(x_t \\| x_0) | 1 s / 2 s | 4 s |\nend\n")
+    course.write_runtime_texts(["01_b"], runtimes, readme=readme, notebooks_dir=tmp_path)
+    header = nbformat.read(tmp_path / "01_b.ipynb", as_version=4).cells[0].source
+    assert "| 2-core CPU | 10 s | 12 min |\n| GPU (estimated) | < 20 s | ~1 min |\n\nAfter the table." in header
+    assert readme.read_text() == ("| # | lesson | you will | cpu | gpu |\n"
+                                  "| 01 | [B](b) | write q(x_t \\| x_0) | 10 s / 12 min | ~1 min |\nend\n")
+    (tmp_path / "01_b.ipynb").write_text(nbformat.writes(nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_markdown_cell("# no table")])))
+    with pytest.raises(ValueError, match="no '\\| 2-core CPU \\|' runtime row"):
+        course.write_runtime_texts(["01_b"], runtimes, readme=readme, notebooks_dir=tmp_path)
+
+
 def test_cli_sample_reports_a_missing_model_folder(tmp_path):
     result = _run("sample", "--checkpoint", str(tmp_path / "none"), "--n", "1")
     assert result.returncode == 1 and "cannot load" in result.stderr and "config.json not found" in result.stderr
