@@ -27,7 +27,7 @@ import torch
 from torchvision.utils import make_grid
 
 from .checkpoint import atomic_write
-from .config import BUILD_DIR, REPO_ROOT, headless
+from .config import BUILD_DIR, REPO_ROOT, headless, headless_because
 from .data import ImageDataset
 from .device import randn
 from .editing import img2img_steps
@@ -97,6 +97,13 @@ def _live(fig: Figure, controls: dict, update) -> object:
         control.observe(guarded, names="value")
     guarded()
     return W.VBox([_row(*controls.values()), plot_out, error_out])
+
+
+def _say_static() -> None:
+    """Under a static figure: which variables made it static, so a learner who expected a live widget knows why."""
+    flags = headless_because()
+    print(f"(A static figure: {' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} set where this kernel runs. "
+          f"Open the lesson in JupyterLab without {'it' if len(flags) == 1 else 'them'} for the live widget.)")
 
 
 def _row(*items):
@@ -169,7 +176,10 @@ class NoisingExplorer:
 def noising_explorer(dataset: ImageDataset, **settings):
     """A live noising explorer, or its static figure when the notebook runs headless."""
     explorer = NoisingExplorer(dataset, **settings)
-    return explorer.fig if headless() else explorer.widget()
+    if not headless():
+        return explorer.widget()
+    _say_static()
+    return explorer.fig
 
 
 T_CHOICES = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)  # the schedule explorer's T: every value a stop
@@ -219,7 +229,10 @@ class ScheduleExplorer:
 def schedule_explorer(**settings):
     """A live schedule explorer, or its static figure when the notebook runs headless."""
     explorer = ScheduleExplorer(**settings)
-    return explorer.fig if headless() else explorer.widget()
+    if not headless():
+        return explorer.widget()
+    _say_static()
+    return explorer.fig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -506,5 +519,6 @@ def generation_studio(pipe: DiffusionPipeline, dataset: ImageDataset | None = No
     studio = GenerationStudio(pipe, dataset, **settings)
     if not headless():
         return studio.widget()
+    _say_static()
     studio.generate()
     return studio.figure()

@@ -114,10 +114,15 @@ def test_callback_errors_are_shown_not_swallowed(capsys):
     assert "RuntimeError: boom" in capsys.readouterr().out
 
 
-def test_headless_returns_static_figures(ds, monkeypatch):
+def test_headless_returns_static_figures_and_says_why(ds, monkeypatch, capsys):
+    for name in ("LESSONS_SMOKE", "CI"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LESSONS_HEADLESS", "1")
     assert isinstance(widgets.noising_explorer(ds), viz.Figure)
+    assert "(A static figure: LESSONS_HEADLESS is set" in capsys.readouterr().out
+    monkeypatch.setenv("CI", "true")
     assert isinstance(widgets.schedule_explorer(), viz.Figure)
+    assert "LESSONS_HEADLESS and CI are set" in capsys.readouterr().out
 
 
 def test_schedule_explorer_update(monkeypatch):
