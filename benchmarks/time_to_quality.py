@@ -19,6 +19,7 @@ run into ``benchmarks/results/time_to_quality.json`` and draws the curves.
 Run from the repository root:
   taskset -c 0 python benchmarks/time_to_quality.py run cosine --images 100000
   python benchmarks/time_to_quality.py table
+  python benchmarks/time_to_quality.py score data/pretrained/ddpm_fmnist --sampler plms --steps 19
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def main() -> None:
     p.set_defaults(run=run)
     p = sub.add_parser("table", help="gather the finished runs into the results table and figure")
     p.set_defaults(run=table)
+    p = sub.add_parser("score", help="score one model folder with the course metric (as the model cards' tables)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--n", type=int, default=1000, help="class-balanced samples (the course metric: 1000)")
+    p.set_defaults(run=lambda args: print(json.dumps(score(args.folder, args.n, args.sampler, args.steps))))
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     args.run(args)
