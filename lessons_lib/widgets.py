@@ -106,6 +106,14 @@ def _say_static() -> None:
           f"Open the lesson in JupyterLab without {'it' if len(flags) == 1 else 'them'} for the live widget.)")
 
 
+def _widget_or_figure(explorer):
+    """An explorer's live widget, or its static figure (and why) when the notebook runs headless."""
+    if not headless():
+        return explorer.widget()
+    _say_static()
+    return explorer.fig
+
+
 def _row(*items):
     """Controls side by side; on a narrow window they move to a second row instead of shrinking."""
     import ipywidgets as W
@@ -176,10 +184,7 @@ class NoisingExplorer:
 def noising_explorer(dataset: ImageDataset, **settings):
     """A live noising explorer, or its static figure when the notebook runs headless."""
     explorer = NoisingExplorer(dataset, **settings)
-    if not headless():
-        return explorer.widget()
-    _say_static()
-    return explorer.fig
+    return _widget_or_figure(explorer)
 
 
 T_CHOICES = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)  # the schedule explorer's T: every value a stop
@@ -229,10 +234,7 @@ class ScheduleExplorer:
 def schedule_explorer(**settings):
     """A live schedule explorer, or its static figure when the notebook runs headless."""
     explorer = ScheduleExplorer(**settings)
-    if not headless():
-        return explorer.widget()
-    _say_static()
-    return explorer.fig
+    return _widget_or_figure(explorer)
 
 
 # ---------------------------------------------------------------------------------------------------
