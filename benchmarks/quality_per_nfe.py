@@ -10,8 +10,9 @@ sampling, and scores the images with ``lessons_lib.metrics.evaluate`` against th
 test images. The table gives FID / FID(reference) too.
 
 Rows are written to ``--out`` as each finishes. Running again with the same configuration (n, seed,
-model weights) skips the rows already there, so an interrupted run (the full grid takes hours on a
-2-core CPU, 1000-step DDPM alone over an hour) continues where it stopped.
+model weights) skips the rows already there, and a row stopped mid-way resumes at its next batch of images
+(kept in ``<out>.<sampler>-<steps>.partial.pt`` until the row is done), so an interrupted run (the full grid
+takes hours on a 2-core CPU, 1000-step DDPM alone over two) continues where it stopped.
 
 Run from the repository root:  python benchmarks/quality_per_nfe.py [--n 1000] [--nfe 10 20 50] [--samplers ddim heun]
 """
@@ -57,26 +58,37 @@ def machine() -> str:
 
 
 def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, seed: int = 0, batch_size: int = 100,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """``n`` images, image i of class i % 10 from seed ``seed + i``, in batches; also the seconds and NFE per image."""
+                     progress: bool = True, partial: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """``n`` images, image i of class i % 10 from seed ``seed + i``, in batches; also the seconds and NFE per image.
+
+    ``partial``: a file that keeps the finished batches, so a row interrupted mid-way (1000-step DDPM: over ten
+    minutes a batch on a CPU) resumes at its next batch; it is ignored if it holds another row's batches."""
     classes = len(pipe.classes)
-    images, labels, seconds, nfe = [], [], 0.0, set()
-    for start in tqdm(range(0, n, batch_size), desc=f"{sampler}, {steps} steps", disable=not progress, leave=False):
+    key = {"sampler": sampler, "steps": steps, "n": n, "seed": seed, "batch_size": batch_size,
+           "model_sha256": (pipe.metadata or {}).get("weights_sha256")}
+    state = {"key": key, "images": [], "labels": [], "seconds": 0.0, "nfe": set()}
+    if partial is not None and partial.is_file():
+        saved = torch.load(partial, weights_only=False)
+        state = saved if saved["key"] == key else state
+    starts = range(len(state["images"]) * batch_size, n, batch_size)
+    for start in tqdm(starts, desc=f"{sampler}, {steps} steps", disable=not progress, leave=False):
         configs = [GenerationConfig(prompt=i % classes, seed=seed + i, sampler=sampler, steps=steps, spacing=SPACING)
                    for i in range(start, min(start + batch_size, n))]
         results = pipe.generate_batch(configs, progress=False)
-        images += [r.images for r in results]
-        labels += [r.labels for r in results]
-        seconds += results[0].seconds  # the configs ran as one batch: the time is shared
-        nfe.add(results[0].nfe)
-    (nfe,) = nfe  # every batch makes the same number of network calls
-    return torch.cat(images), torch.cat(labels), seconds, nfe
+        state["images"].append(torch.cat([r.images for r in results]))
+        state["labels"].append(torch.cat([r.labels for r in results]))
+        state["seconds"] += results[0].seconds  # the configs ran as one batch: the time is shared
+        state["nfe"].add(results[0].nfe)
+        if partial is not None:
+            atomic_write(partial, lambda tmp: torch.save(state, tmp))
+    (nfe,) = state["nfe"]  # every batch makes the same number of network calls
+    return torch.cat(state["images"]), torch.cat(state["labels"]), state["seconds"], nfe
 
 
 def run_row(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, seed: int = 0, batch_size: int = 100,
-            progress: bool = True, n_reference: int | None = None) -> dict:
+            progress: bool = True, n_reference: int | None = None, partial: Path | None = None) -> dict:
     """Sample, time and score one (sampler, steps) cell of the table (against ``n_reference`` test images; None: all)."""
-    images, labels, seconds, nfe = balanced_samples(pipe, sampler, steps, n, seed, batch_size, progress)
+    images, labels, seconds, nfe = balanced_samples(pipe, sampler, steps, n, seed, batch_size, progress, partial)
     score = metrics.evaluate(images, reference="test", labels=labels, n_reference=n_reference)
     return {"sampler": sampler, "steps": steps, "nfe": nfe, "fid": score.fid, "precision": score.precision,
             "recall": score.recall, "accuracy": score.accuracy, "seconds_per_1000": 1000 * seconds / n,
@@ -180,7 +192,9 @@ def main() -> None:
     print(f"# quality per NFE: {len(plan) - len(todo)} of {len(set(plan))} rows already in {args.out}, {len(todo)} to run")
     print(f"# {machine()}, device {pipe.device}; {args.n} images per row, {SPACING} steps, seed {args.seed}", flush=True)
     for name, steps in todo:
-        row = run_row(pipe, name, steps, args.n, args.seed, args.batch_size, not args.no_progress)
+        partial = args.out.with_name(f"{args.out.stem}.{name}-{steps}.partial.pt")  # this row's finished batches
+        row = run_row(pipe, name, steps, args.n, args.seed, args.batch_size, not args.no_progress, partial=partial)
+        partial.unlink(missing_ok=True)
         results["rows"].append(row)
         results["date"] = row["date"]
         atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))

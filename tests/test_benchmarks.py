@@ -1,0 +1,50 @@
+"""The quality benchmark's bookkeeping: an interrupted row resumes at its next batch with the same images."""
+
+import sys
+
+import torch
+from test_pipeline import Elementwise, S
+
+from lessons_lib.config import REPO_ROOT
+from lessons_lib.pipeline import DiffusionPipeline
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import quality_per_nfe as bench  # noqa: E402
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_row_stopped_mid_way_resumes_at_its_next_batch(tmp_path, monkeypatch):
+    pipe = DiffusionPipeline(Elementwise().eval(), S)
+    whole, labels, _, nfe = bench.balanced_samples(pipe, "ddim", 5, 30, batch_size=10, progress=False)
+
+    partial = tmp_path / "row.partial.pt"
+    generate_batch, calls = pipe.generate_batch, []
+
+    def stop_after_two(configs, **kw):
+        if len(calls) == 2:
+            raise Interrupted
+        calls.append([c.seed for c in configs])
+        return generate_batch(configs, **kw)
+
+    monkeypatch.setattr(pipe, "generate_batch", stop_after_two)
+    try:
+        bench.balanced_samples(pipe, "ddim", 5, 30, batch_size=10, progress=False, partial=partial)
+    except Interrupted:
+        pass
+    assert partial.is_file() and calls == [list(range(10)), list(range(10, 20))]
+
+    calls.clear()
+    monkeypatch.setattr(pipe, "generate_batch", lambda configs, **kw: calls.append([c.seed for c in configs])
+                        or generate_batch(configs, **kw))
+    images, resumed_labels, _, resumed_nfe = bench.balanced_samples(pipe, "ddim", 5, 30, batch_size=10,
+                                                                   progress=False, partial=partial)
+    assert calls == [list(range(20, 30))], "only the batch that was not finished runs again"
+    torch.testing.assert_close(images, whole, rtol=0, atol=0)
+    assert torch.equal(resumed_labels, labels) and resumed_nfe == nfe
+
+    calls.clear()  # the same file for another row (other steps) is not reused
+    bench.balanced_samples(pipe, "ddim", 4, 30, batch_size=10, progress=False, partial=partial)
+    assert len(calls) == 3
