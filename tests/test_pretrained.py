@@ -18,13 +18,8 @@ def pipe():
     return DiffusionPipeline.from_pretrained(PRETRAINED_MODEL, device="cpu")
 
 
-# The shipped model, and its candidate successor (more training from its weights) until lessons 05-08 move to it.
-NEXT_MODEL = PRETRAINED_MODEL.parent / "ddpm_fmnist_next"
-MODELS = [PRETRAINED_MODEL] + [NEXT_MODEL] * NEXT_MODEL.exists()
-
-
-@pytest.mark.parametrize("folder", MODELS, ids=[folder.name for folder in MODELS])
-def test_folder_is_complete_and_small(folder):
+def test_folder_is_complete_and_small():
+    folder = PRETRAINED_MODEL
     files = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "README.md"} <= files
     assert sum(p.stat().st_size for p in folder.iterdir()) < 15 * 2**20
@@ -48,10 +43,9 @@ def test_samples_have_shape_range_and_the_requested_class(pipe):
                              f"classes: {FASHION_MNIST_CLASSES}")
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[folder.name for folder in MODELS])
-def unguided(request):
+@pytest.fixture(scope="module")
+def unguided(pipe):
     """10 unguided samples of each class, DPM-Solver++ 2M with 20 steps."""
-    pipe = DiffusionPipeline.from_pretrained(request.param, device="cpu")
     images = torch.cat([pipe(10, c, steps=20, sampler="dpmpp_2m", seed=100 * c, progress=False)[0] for c in range(10)])
     return images, torch.arange(10).repeat_interleave(10)
 
