@@ -283,8 +283,11 @@ def _evaluate(args) -> int:
         images = to_model(images.unsqueeze(1))
         source = f"{len(images)} images from {args.npz}"
     else:
-        from .pipeline import DiffusionPipeline
+        from .pipeline import PRESETS, DiffusionPipeline
 
+        preset_sampler, preset_steps = PRESETS[args.preset]
+        args.sampler = args.sampler or preset_sampler
+        args.steps = preset_steps if args.steps is None else args.steps
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
@@ -436,8 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="test", choices=["test", "train"], help="the real images to compare with")
     p.add_argument("--n-reference", type=int, help="a fixed seeded subset of the reference (default: all of it)")
     p.add_argument("--classifier", help="feature extractor folder (default: the shipped data/pretrained/fmnist_classifier)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--preset", default="balanced", metavar="PRESET", choices=LazyChoices("pipeline", "PRESETS"),
+                   help="%(choices)s: fills --sampler and --steps when not given (lessons_lib.pipeline.PRESETS)")
+    p.add_argument("--sampler", metavar="NAME", choices=LazyChoices("samplers", "SAMPLERS"),
+                   help="%(choices)s (default: from --preset)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: from --preset)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--device")
