@@ -84,17 +84,21 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, add the (time + class) embedding, GroupNorm-SiLU-dropout-conv, plus a skip."""
+    """GroupNorm-SiLU-conv, add the (time + class) embedding, GroupNorm-SiLU-dropout-conv, plus a skip.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    ``emb_dim=None`` builds the block without an embedding (the autoencoder's blocks see no time step)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int | None, dropout: float):
         super().__init__()
         self.block1 = nn.Sequential(_norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch)) if emb_dim else None
         self.block2 = nn.Sequential(_norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x) + self.emb(emb)[:, :, None, None]
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.block1(x)
+        if self.emb is not None:
+            h = h + self.emb(emb)[:, :, None, None]
         return self.skip(x) + self.block2(h)
 
 
