@@ -66,9 +66,9 @@ def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, 
     classes = len(pipe.classes)
     key = {"sampler": sampler, "steps": steps, "n": n, "seed": seed, "batch_size": batch_size,
            "model_sha256": (pipe.metadata or {}).get("weights_sha256")}
-    state = {"key": key, "images": [], "labels": [], "seconds": 0.0, "nfe": set()}
+    state = {"key": key, "images": [], "labels": [], "seconds": 0.0, "nfe": []}
     if partial is not None and partial.is_file():
-        saved = torch.load(partial, weights_only=False)
+        saved = torch.load(partial, weights_only=True)  # tensors, numbers and strings only
         state = saved if saved["key"] == key else state
     starts = range(len(state["images"]) * batch_size, n, batch_size)
     for start in tqdm(starts, desc=f"{sampler}, {steps} steps", disable=not progress, leave=False):
@@ -78,10 +78,10 @@ def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, 
         state["images"].append(torch.cat([r.images for r in results]))
         state["labels"].append(torch.cat([r.labels for r in results]))
         state["seconds"] += results[0].seconds  # the configs ran as one batch: the time is shared
-        state["nfe"].add(results[0].nfe)
+        state["nfe"].append(results[0].nfe)
         if partial is not None:
             atomic_write(partial, lambda tmp: torch.save(state, tmp))
-    (nfe,) = state["nfe"]  # every batch makes the same number of network calls
+    (nfe,) = set(state["nfe"])  # every batch makes the same number of network calls
     return torch.cat(state["images"]), torch.cat(state["labels"]), state["seconds"], nfe
 
 
