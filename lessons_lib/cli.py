@@ -283,14 +283,13 @@ def _evaluate(args) -> int:
         images = to_model(images.unsqueeze(1))
         source = f"{len(images)} images from {args.npz}"
     else:
-        from .pipeline import PRESETS, DiffusionPipeline
+        from .pipeline import DiffusionPipeline, GenerationConfig
 
-        preset_sampler, preset_steps = PRESETS[args.preset]
-        args.sampler = args.sampler or preset_sampler
-        args.steps = preset_steps if args.steps is None else args.steps
-        if args.steps < 1:
+        if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         pipe = DiffusionPipeline.from_pretrained(args.checkpoint, device=args.device)
+        chosen = pipe.resolve(GenerationConfig(preset=args.preset, sampler=args.sampler, steps=args.steps))  # as `sample`
+        args.sampler, args.steps = chosen.sampler, chosen.steps
         n = args.n or 1000
         conditional = pipe.model.config.num_classes is not None
         parts, labels, start = [], [], 0
