@@ -19,6 +19,7 @@ run into ``benchmarks/results/time_to_quality.json`` and draws the curves.
 Run from the repository root:
   taskset -c 0 python benchmarks/time_to_quality.py run cosine --images 100000
   python benchmarks/time_to_quality.py table
+  python benchmarks/time_to_quality.py fewstep flow   # then: table --names flags eps flow ... --out flow_objectives
   python benchmarks/time_to_quality.py score data/pretrained/ddpm_fmnist --sampler plms --steps 19
 """
 
@@ -42,7 +43,9 @@ from lessons_lib.pipeline import DiffusionPipeline
 RUNS = BUILD_DIR / "runs" / "ttq"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 # The starting point: the flags a new user typed on the old cpu preset (constant lr after the warm-up, EMA 0.999).
-FLAGS_ONLY = dict(prediction="v", weighting="min_snr", amp="bf16", batch_size=128, lr=2e-3, ema_decay=0.999,
+# amp "auto" is the bf16 they typed on a CPU with AMX / AVX512-BF16, and fp32 on one without (where bf16 autocast
+# is emulated: 12x slower on an AVX2-only EPYC); each run records which it got.
+FLAGS_ONLY = dict(prediction="v", weighting="min_snr", amp="auto", batch_size=128, lr=2e-3, ema_decay=0.999,
                   lr_schedule="constant", ema_sigma_rel=None, timesteps="uniform")
 DECAY_EMA = dict(lr_schedule="cosine", ema_sigma_rel=0.1)  # the two changes that suit any run length, combined
 CANDIDATES = {
@@ -59,7 +62,15 @@ CANDIDATES = {
     "cosine+power_ema+logsnr_normal": {**DECAY_EMA, "weighting": "uniform", "timesteps": "logsnr_normal"},
     "cosine+power_ema+lr4e-3": {**DECAY_EMA, "lr": 4e-3},
     "cosine+power_ema+ema0.05": {**DECAY_EMA, "ema_sigma_rel": 0.05},
+    # rectified flow (lessons_lib.flow): velocity target, straight path, t uniform or logit-normal (Esser et al.
+    # 2024: t = sigmoid(n), n ~ N(0, 1), which is log-SNR = -2 n ~ N(0, 2) on the flow path)
+    "flow": dict(prediction="flow", schedule="flow", weighting="uniform"),
+    "flow+logit_normal": dict(prediction="flow", schedule="flow", weighting="uniform", timesteps="logsnr_normal",
+                              logsnr_mean=0.0, logsnr_std=2.0),
 }
+# Few-step scoring (``fewstep``): DDIM, which on the flow path is exactly Euler in t (lessons_lib.flow), at every
+# budget, and DPM-Solver++ 2M where it differs from DDIM (from 2 evaluations); the best of them per budget.
+FEW_STEP = [("ddim", n) for n in (1, 2, 4, 10, 20, 50)] + [("dpmpp_2m", n) for n in (2, 4, 10, 20, 50)]
 
 
 def candidate_config(name: str, images: int, every: int) -> T.TrainConfig:
@@ -120,22 +131,52 @@ def run(args) -> None:
     for r in final:
         print(f"{args.name}: {r['sampler']} {r['steps']}: FID {r['fid']:.2f} P {r['precision']:.3f} R {r['recall']:.3f} "
               f"agree {r['class_agreement']:.3f}", flush=True)
+    amp = T.training_autocast_dtype("cpu") if cfg.amp == "auto" else {"bf16": torch.bfloat16, "off": None}[cfg.amp]
     entry = {"name": args.name, "changes": CANDIDATES[args.name], "config": cfg.to_dict(), "steps": ledger["step"],
+             "cpu_model": cpu_model(), "autocast": str(amp).removeprefix("torch.") if amp else "fp32",
              "images": ledger["step"] * cfg.batch_size, "train_s": ledger["train_s"], "images_per_s": ledger["images_per_s"],
              "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)), "curve": curve, "final": final,
              "curve_n": args.curve_n, "curve_steps": args.curve_steps}
     atomic_write(out / "result.json", lambda tmp: tmp.write_text(json.dumps(entry, indent=2)))
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def fewstep(args) -> None:
+    """Score a finished run's last weights at few network evaluations (``FEW_STEP``) into its result.json."""
+    path = RUNS / args.name / "result.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: finish `run {args.name}` first")
+    entry = json.loads(path.read_text())
+    done = {(r["sampler"], r["steps"]) for r in entry.get("few_step", []) + entry["final"]}
+    for sampler, steps in FEW_STEP:
+        if (sampler, steps) not in done:
+            r = score(path.parent, args.n, sampler, steps)
+            entry.setdefault("few_step", []).append(r)
+            print(f"{args.name}: {sampler} {steps}: FID {r['fid']:.2f}", flush=True)
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(entry, indent=2)))
+
+
+def nfe(sampler: str, steps: int) -> int:
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
 def table(args) -> None:
     entries = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
+    entries = [e for e in entries if not args.names or e["name"] in args.names]
     if not entries:
-        raise SystemExit(f"no finished runs under {RUNS}")
+        raise SystemExit(f"no finished runs under {RUNS}" + (f" named {', '.join(args.names)}" if args.names else ""))
     base = next((e for e in entries if e["name"] == "flags"), entries[0])
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "flags_only": FLAGS_ONLY,
             "preset_network": T.preset("cpu").model.to_dict(), "runs": entries}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS / "time_to_quality.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    out = RESULTS / f"{args.out}.json"
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
     print("| candidate | changes | images | img/s | DDIM-50 FID | vs flags | P | R | class agreement | DPM++ 2M-20 FID |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     ref = base["final"][0]["fid"]
@@ -148,15 +189,38 @@ def table(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    few = {e["name"]: best_per_budget(e) for e in entries if "few_step" in e}
+    fig, axes = plt.subplots(1, 1 + bool(few), figsize=(7 + 5 * bool(few), 4), layout="constrained", squeeze=False)
+    ax = axes[0, 0]
     for e in entries:
         c = e["curve"]
         ax.plot([p["images"] / 1e3 for p in c], [p["fid"] for p in c], marker="o", ms=3, label=e["name"])
     ax.set(xlabel="thousand images seen", ylabel=f"FID ({entries[0]['curve_n']} samples, DDIM {entries[0]['curve_steps']})",
-           yscale="log", title="FID against training images, one candidate per curve (one core each)")
+           yscale="log", title="FID against training images (one core each)")
     ax.legend(fontsize=7, ncol=2)
-    fig.savefig(RESULTS / "time_to_quality.png", dpi=110)
-    print(f"\nwrote {RESULTS / 'time_to_quality.json'} and time_to_quality.png")
+    if few:
+        budgets = sorted({n for best in few.values() for n in best})
+        print("\n| candidate | " + " | ".join(f"{n} NFE" for n in budgets) + " |")
+        print("|---|" + "---:|" * len(budgets))
+        for name, best in few.items():
+            print(f"| {name} | " + " | ".join(f"{best[n]['fid']:.1f} ({best[n]['sampler']})" if n in best else "-"
+                                              for n in budgets) + " |")
+            axes[0, 1].plot(list(best), [r["fid"] for r in best.values()], marker="o", ms=3, label=name)
+        axes[0, 1].set(xscale="log", yscale="log", xlabel="network evaluations", xticks=budgets, xticklabels=budgets,
+                       ylabel="FID (1,000 samples, best sampler)", title="FID against network evaluations")
+        axes[0, 1].legend(fontsize=7)
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(f"\nwrote {out} and {out.with_suffix('.png').name}")
+
+
+def best_per_budget(entry: dict) -> dict[int, dict]:
+    """The lowest-FID sampler at each number of network evaluations, over the run's final and few-step scores."""
+    best: dict[int, dict] = {}
+    for r in entry["final"] + entry.get("few_step", []):
+        n = nfe(r["sampler"], r["steps"])
+        if n not in best or r["fid"] < best[n]["fid"]:
+            best[n] = r
+    return dict(sorted(best.items()))
 
 
 def main() -> None:
@@ -172,7 +236,13 @@ def main() -> None:
     p.add_argument("--ddpm", action="store_true", help="also score 1000-step ancestral DDPM (slow)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
+    p = sub.add_parser("fewstep", help="score a finished run at 1 to 50 network evaluations (resumable)")
+    p.add_argument("name", choices=list(CANDIDATES))
+    p.add_argument("--n", type=int, default=1000, help="class-balanced samples (the course metric: 1000)")
+    p.set_defaults(run=fewstep)
     p = sub.add_parser("table", help="gather the finished runs into the results table and figure")
+    p.add_argument("--names", nargs="+", help="only these runs (default: every finished run)")
+    p.add_argument("--out", default="time_to_quality", help="results file name under benchmarks/results/")
     p.set_defaults(run=table)
     p = sub.add_parser("score", help="score one model folder with the course metric (as the model cards' tables)")
     p.add_argument("folder", type=Path)

@@ -30,9 +30,9 @@ def r(t: torch.Tensor) -> torch.Tensor:
 
 
 def t_of_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
-    """The flow time of a VP noise level: t / (1 - t) = sigma = sqrt((1 - alpha_bar) / alpha_bar)."""
-    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
-    return sigma / (1 + sigma)
+    """The flow time of a VP noise level: t / (1 - t) = sigma = sqrt((1 - alpha_bar) / alpha_bar), written so that
+    alpha_bar = 0 (pure noise, the flow schedule's last step) gives t = 1."""
+    return (1 - alpha_bar).sqrt() / (alpha_bar.sqrt() + (1 - alpha_bar).sqrt())
 
 
 def flow_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -69,6 +69,12 @@ class FlowAsEps(torch.nn.Module):
         return x0_eps_from_velocity(x_flow, t, self.flow(x_flow, t, class_labels))[1]
 
 
+def _log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """log(alpha_bar / (1 - alpha_bar)), clamped: t = 0 and t = 1 meet the grid's first and last step (alpha_bar 0)."""
+    alpha_bar = alpha_bar.clamp(1e-12, 1 - 1e-12)
+    return (alpha_bar / (1 - alpha_bar)).log()
+
+
 class VelocityOf(torch.nn.Module):
     """A VP model predicting ``prediction`` (eps, x0, v or flow) on ``schedule`` as a flow model u(x_t, t, y).
 
@@ -86,8 +92,7 @@ class VelocityOf(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         ab = self.schedule.alpha_bar.to(x.device)
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64).expand(len(x))
-        target = alpha_bar_of_t(t).clamp(1e-12, 1 - 1e-12)  # t = 0 and t = 1 go to the first and the last step
-        k = ((ab / (1 - ab)).log() - (target / (1 - target)).log()[:, None]).abs().argmin(1)
+        k = (_log_snr(ab) - _log_snr(alpha_bar_of_t(t))[:, None]).abs().argmin(1)
         t_k = t_of_alpha_bar(ab[k]).to(x.dtype)
         x_vp = x / _b(r(t_k), x)
         return convert_prediction(self.model(x_vp, k, class_labels), self.prediction, "flow", x_vp, k, self.schedule)
@@ -112,15 +117,17 @@ FLOW_SOLVERS = ("euler", "heun")
 
 @torch.no_grad()
 def flow_solve(velocity: Callable, x1: torch.Tensor, num_steps: int, solver: str = "euler", shift: float = 1.0,
-               class_labels: torch.Tensor | None = None) -> torch.Tensor:
+               class_labels: torch.Tensor | None = None, return_path: bool = False):
     """Integrate dx/dt = u(x, t) from t = 1 (x1: noise) to t = 0 (an image).
 
     euler: x_{t'} = x_t + (t' - t) u(x_t, t), 1 evaluation per step; heun: the mean of the slopes at both ends
     of the Euler step (the trapezoidal rule), 2 per step. u is defined at t = 0, so Heun runs every step.
+    ``return_path``: also return x at every time of the grid, stacked (num_steps + 1, *x1.shape), x1 first.
     """
     if solver not in FLOW_SOLVERS:
         raise ValueError(f"unknown flow solver {solver!r}; allowed: {', '.join(FLOW_SOLVERS)}")
     times, x = flow_times(num_steps, shift).to(x1.device), x1
+    path = [x1]
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         dt = (t_next - t).to(x.dtype)
         u = velocity(x, t.to(x.dtype).expand(len(x)), class_labels)
@@ -129,4 +136,5 @@ def flow_solve(velocity: Callable, x1: torch.Tensor, num_steps: int, solver: str
             x = x_euler
         else:
             x = x + dt * (u + velocity(x_euler, t_next.to(x.dtype).expand(len(x)), class_labels)) / 2
-    return x
+        path.append(x)
+    return (x, torch.stack(path)) if return_path else x

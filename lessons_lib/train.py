@@ -213,6 +213,36 @@ def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, prediction: str, weig
     return w.float()
 
 
+def eps_loss_weight(t: torch.Tensor, schedule: NoiseSchedule, prediction: str) -> torch.Tensor:
+    """How much a squared error in ``prediction`` weighs in eps terms at step t: at a fixed x_t every target is an
+    affine function of eps, so ||target - pred||^2 = c_t ||eps - eps_hat||^2 with (Kingma & Gao 2023, sec. 2)
+    eps: 1,  x0: 1 / SNR,  v: 1 + 1 / SNR,  flow (eps - x0): (1 + 1 / sqrt(SNR))^2."""
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    snr = schedule.snr[t.cpu()]
+    return {"eps": torch.ones_like(snr), "x0": 1 / snr, "v": 1 + 1 / snr, "flow": (1 + snr.rsqrt()) ** 2}[prediction]
+
+
+def objective_density(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-loss view of a training config (Kingma & Gao 2023, eq. 7): its expected loss is the integral over
+    log-SNR lambda of w(lambda) ||eps - eps_hat||^2, with w = (density of lambda under the t-draw) x (loss weight)
+    x :func:`eps_loss_weight`. Returns lambda at the schedule's steps and w there (steps of infinite lambda, and
+    the two end steps whose cells are half-open, left out)."""
+    schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
+    t = torch.arange(cfg.num_steps)
+    logsnr = schedule.snr.log()
+    edges = (logsnr[1:] + logsnr[:-1]) / 2  # lambda's cell of step k lies between edges k - 1 and k (decreasing)
+    inner = t[1:-1][torch.isfinite(edges[:-1]) & torch.isfinite(edges[1:])]
+    upper, lower = edges[inner - 1], edges[inner]
+    if cfg.timesteps == "uniform":
+        mass = torch.full((len(inner),), 1 / cfg.num_steps, dtype=torch.float64)
+    else:  # logsnr_timesteps sends a draw to its nearest step: the normal's mass over the step's cell
+        normal = torch.distributions.Normal(torch.tensor(cfg.logsnr_mean, dtype=torch.float64), cfg.logsnr_std)
+        mass = normal.cdf(upper) - normal.cdf(lower)
+    w = mass / (upper - lower) * loss_weights(inner, schedule, cfg.prediction, cfg.weighting, cfg.min_snr_gamma)
+    return logsnr[inner], w * eps_loss_weight(inner, schedule, cfg.prediction)
+
+
 def diffusion_loss(model, x0, t, eps, labels, schedule: NoiseSchedule, cfg: TrainConfig) -> torch.Tensor:
     """The weighted regression loss of one batch (DDPM Algorithm 1, line 5, generalised)."""
     xt = q_sample(x0, t, eps, schedule)

@@ -1,4 +1,4 @@
-"""Playing: ipywidgets explorers for the forward process and the noise schedules, and a generation studio.
+"""Playing: ipywidgets explorers for the forward process, the noise schedules and flow paths, and a generation studio.
 
 Each explorer builds its figure once and, when a control moves, swaps the data of the existing
 artists (``set_data``) and redraws. The pure functions they draw from (:func:`noisy_view`,
@@ -31,6 +31,7 @@ from .config import BUILD_DIR, REPO_ROOT, headless, headless_because
 from .data import ImageDataset
 from .device import randn
 from .editing import img2img_steps
+from .flow import FLOW_SOLVERS, flow_solve
 from .noising import q_sample
 from .pipeline import PRESETS, DiffusionPipeline, GenerationConfig, load_image, save_image
 from .samplers import SAMPLERS, get_sampler
@@ -235,6 +236,61 @@ def schedule_explorer(**settings):
     """A live schedule explorer, or its static figure when the notebook runs headless."""
     explorer = ScheduleExplorer(**settings)
     return _widget_or_figure(explorer)
+
+
+FLOW_STEP_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # the flow-path explorer's steps
+
+
+class FlowPathsExplorer:
+    """2-D points carried from noise ``x1`` (N, 2) to data by a velocity field ``velocity(x, t)``: the solver's
+    path of each point (the first ``paths`` of them drawn as lines), its end points over the ``data`` (M, 2)."""
+
+    def __init__(self, velocity, x1: torch.Tensor, data: torch.Tensor, steps: int = 4, solver: str = "euler",
+                 paths: int = 120):
+        if x1.dim() != 2 or x1.shape[1] != 2 or data.dim() != 2 or data.shape[1] != 2:
+            raise ValueError(f"x1 and data must be 2-D point sets of shape (N, 2), got {tuple(x1.shape)} and "
+                             f"{tuple(data.shape)}")
+        from matplotlib.collections import LineCollection
+
+        self.velocity, self.x1, self.paths = velocity, x1, paths
+        self.state = {"steps": steps, "solver": solver}
+        self.fig = Figure(figsize=(5.2, 5), layout="constrained")
+        self.ax = self.fig.subplots()
+        self.ax.scatter(*data.T.numpy(), s=3, c="0.75", label="data")
+        self.lines = LineCollection([], colors="tab:blue", linewidths=0.6, alpha=0.6)
+        self.ax.add_collection(self.lines)
+        self.start = self.ax.scatter(*x1[:paths].T.numpy(), s=5, c="k", label="noise $x_1$")
+        self.end = self.ax.scatter([], [], s=5, c="tab:red", label="end $x_0$")
+        lim = float(max(data.abs().max(), x1.abs().max())) * 1.1
+        self.ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="$x^{(1)}$", ylabel="$x^{(2)}$", aspect="equal")
+        self.ax.legend(loc="upper right", fontsize=7)
+        self.update()
+
+    def update(self, **changes) -> None:
+        _merge(self.state, changes)
+        steps, solver = self.state["steps"], self.state["solver"]
+        if solver not in FLOW_SOLVERS:
+            raise ValueError(f"unknown flow solver {solver!r}; allowed: {', '.join(FLOW_SOLVERS)}")
+        end, path = flow_solve(self.velocity, self.x1, steps, solver, return_path=True)
+        self.lines.set_segments(path[:, : self.paths].permute(1, 0, 2).numpy())
+        self.end.set_offsets(end.numpy())
+        evals = steps * (2 if solver == "heun" else 1)
+        self.ax.set_title(f"{solver}, {steps} step{'s' * (steps > 1)} ({evals} network evaluations)")
+
+    def widget(self):
+        import ipywidgets as W
+
+        controls = {
+            "steps": W.SelectionSlider(options=sorted({*FLOW_STEP_CHOICES, self.state["steps"]}),
+                                       value=self.state["steps"], description="steps", layout=W.Layout(width="360px")),
+            "solver": W.ToggleButtons(options=list(FLOW_SOLVERS), value=self.state["solver"], description="solver"),
+        }
+        return _live(self.fig, controls, self.update)
+
+
+def flow_paths_explorer(velocity, x1: torch.Tensor, data: torch.Tensor, **settings):
+    """A live flow-path explorer, or its static figure when the notebook runs headless."""
+    return _widget_or_figure(FlowPathsExplorer(velocity, x1, data, **settings))
 
 
 # ---------------------------------------------------------------------------------------------------

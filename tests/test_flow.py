@@ -63,6 +63,17 @@ def test_flow_solvers_converge_at_their_order(solver, order):
     assert shifted < 4 * errors[-1]  # the shifted grid solves the same ODE
 
 
+def test_the_path_follows_the_exact_trajectory():
+    """return_path: x at every time of the grid, x1 first; with the exact velocity, each point keeps its z-score."""
+    x1 = _noise()
+    x, path = flow.flow_solve(exact_velocity, x1, 64, "heun", shift=2.0, return_path=True)
+    assert path.shape == (65, *x1.shape) and torch.equal(path[0], x1) and torch.equal(path[-1], x)
+    for i in (16, 40):
+        t = flow.flow_times(64, 2.0)[i]
+        truth = (1 - t) * MU + ((1 - t) ** 2 * S**2 + t**2) ** 0.5 * x1  # at t = 1: mean 0, sd 1
+        assert (path[i] - truth).abs().max() < 1e-3
+
+
 def test_shifted_times():
     t = flow.flow_times(4, shift=3.0)
     assert t[0] == 1 and t[-1] == 0 and torch.all(t[1:] < t[:-1])
@@ -115,3 +126,21 @@ def test_q_sample_and_the_flow_share_the_noise():
     x0, eps, k = _noise(3, 6), _noise(3, 7), torch.tensor([5, 500, 990])
     t = flow.t_of_alpha_bar(schedule.alpha_bar[k])
     torch.testing.assert_close(flow.flow_sample(x0, t, eps) / flow.r(t).view(-1, 1, 1, 1), q_sample(x0, k, eps, schedule))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_ddim_on_the_flow_schedule_is_euler_in_t(steps):
+    """DDIM puts the predicted x0 and eps back at the next noise level, which on the straight path is one Euler
+    step in t; with trailing spacing the flow schedule's DDIM grid is t = 1, 1 - 1/n, ..., 0. So they agree."""
+    schedule = get_schedule("flow", 1000)
+
+    def flow_model(x_vp, k, labels=None):  # a VP model with prediction="flow": the exact velocity, read at the VP point
+        t = flow.t_of_alpha_bar(schedule.alpha_bar[k])
+        return exact_velocity(x_vp * flow.r(t).view(-1, 1, 1, 1), t)
+
+    x1 = 0.3 * _noise()  # small enough that sample()'s final clamp to [-1, 1] changes nothing
+    ddim = sample(flow_model, x1, get_sampler("ddim", schedule, steps, "trailing", prediction="flow", clip_x0=False),
+                  progress=False).images
+    euler = flow.flow_solve(flow.VelocityOf(flow_model, "flow", schedule), x1, steps, "euler")
+    assert euler.abs().max() < 1
+    torch.testing.assert_close(ddim, euler, rtol=0, atol=1e-9)

@@ -65,6 +65,40 @@ def test_min_snr_weights_closed_form():
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_eps_loss_weight_is_the_ratio_of_squared_errors(prediction):
+    """At a fixed x_t, an error in eps carried through convert_prediction scales the target's squared error by c_t."""
+    from lessons_lib.noising import convert_prediction, q_sample
+
+    schedule = get_schedule("cosine", 1000)
+    t = torch.tensor([3, 250, 500, 900])
+    x0, eps, err = (randn((4, 1, 4, 4), seed=s).double() for s in (1, 2, 3))
+    xt = q_sample(x0, t, eps, schedule)
+    as_target = lambda e: convert_prediction(e, "eps", prediction, xt, t, schedule)  # noqa: E731
+    ratio = (as_target(eps + err) - as_target(eps)).pow(2).sum((1, 2, 3)) / err.pow(2).sum((1, 2, 3))
+    torch.testing.assert_close(ratio, T.eps_loss_weight(t, schedule, prediction))
+
+
+def test_objective_density_closed_forms():
+    """Kingma & Gao 2023's weightings: rectified flow with uniform t is w = e^(-lambda / 2) / 2 (as v prediction on
+    the cosine schedule, up to a constant); eps on cosine is sech(lambda / 2) / (2 pi); logit-normal t adds the
+    normal density of lambda = -2 logit(t), times flow's (1 + e^(-lambda / 2))^2."""
+    normal = torch.distributions.Normal(0.0, 2.0)
+    cases = [
+        (dict(prediction="flow", schedule="flow"), lambda lam: (-lam / 2).exp() / 2),
+        (dict(prediction="v"), lambda lam: (-lam / 2).exp() / math.pi),
+        (dict(prediction="eps"), lambda lam: 1 / (lam / 2).cosh() / (2 * math.pi)),
+        (dict(prediction="flow", schedule="flow", timesteps="logsnr_normal", logsnr_mean=0.0, logsnr_std=2.0),
+         lambda lam: normal.log_prob(lam).exp() * (1 + (-lam / 2).exp()) ** 2),
+    ]
+    for kw, closed in cases:  # the cosine schedule's offset s = 0.008 moves its curves by < 2 % for |lambda| < 5
+        lam, w = T.objective_density(T.TrainConfig(max_steps=1, **kw))
+        inside = lam.abs() < 5
+        torch.testing.assert_close(w[inside], closed(lam[inside]).to(w.dtype), rtol=0.02, atol=0, msg=str(kw))
+    with pytest.raises(ValueError, match="unknown prediction type 'velocity'"):
+        T.eps_loss_weight(torch.tensor([1]), get_schedule("cosine", 10), "velocity")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
 def test_oracle_has_zero_loss(prediction, tmp_path):
     """A model that returns the exact target scores 0: the target matches the parametrisation."""
     from lessons_lib.noising import convert_prediction

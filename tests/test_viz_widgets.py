@@ -125,6 +125,24 @@ def test_headless_returns_static_figures_and_says_why(ds, monkeypatch, capsys):
     assert "LESSONS_HEADLESS and CI are set" in capsys.readouterr().out
 
 
+def test_flow_paths_explorer_draws_the_solver_path(monkeypatch):
+    """The velocity u(x, t) = x - c carries every point x1 to c in one Euler step; the lines are the solver's path."""
+    c = torch.tensor([[1.0, -2.0]])
+    x1 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    ex = widgets.FlowPathsExplorer(lambda x, t, y=None: x - c, x1, torch.zeros(3, 2), steps=1, paths=10)
+    torch.testing.assert_close(torch.as_tensor(ex.end.get_offsets()).float(), c.expand(50, 2))
+    assert len(ex.lines.get_segments()) == 10 and len(ex.lines.get_segments()[0]) == 2
+    assert "euler, 1 step (1 network evaluations)" in ex.ax.get_title()
+    monkeypatch.setenv("LESSONS_HEADLESS", "0")
+    monkeypatch.delenv("LESSONS_SMOKE", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    controls = {ctrl.description: ctrl for ctrl in ex.widget().children[0].children}
+    controls["steps"].value, controls["solver"].value = 4, "heun"  # what the slider and the buttons do
+    assert len(ex.lines.get_segments()[0]) == 5 and "heun, 4 steps (8 network evaluations)" in ex.ax.get_title()
+    with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
+        widgets.FlowPathsExplorer(lambda x, t, y=None: x, torch.zeros(4, 3), torch.zeros(3, 2))
+
+
 def test_schedule_explorer_update(monkeypatch):
     ex = widgets.ScheduleExplorer(num_steps=100)
     line_ab, _ = ex.lines["linear"]
