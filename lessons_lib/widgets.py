@@ -283,7 +283,8 @@ class FlowPathsExplorer:
         controls = {
             "steps": W.SelectionSlider(options=sorted({*FLOW_STEP_CHOICES, self.state["steps"]}),
                                        value=self.state["steps"], description="steps", layout=W.Layout(width="360px")),
-            "solver": W.ToggleButtons(options=list(FLOW_SOLVERS), value=self.state["solver"], description="solver"),
+            "solver": W.ToggleButtons(options=list(FLOW_SOLVERS), value=self.state["solver"], description="solver",
+                                      layout=W.Layout(display="flex", align_items="center")),  # label beside buttons
         }
         return _live(self.fig, controls, self.update)
 

@@ -37,7 +37,7 @@ def test_every_widget_output_can_be_displayed(nb):
             view = output.get("data", {}).get(WIDGET_VIEW)
             assert view is None or view["model_id"] in state, f"{nb.name}: a widget view without its state"
         if any(f"widgets.{name}(" in "".join(cell["source"]) for name in ("noising_explorer", "schedule_explorer",
-                                                                          "generation_studio")):
+                                                                          "flow_paths_explorer", "generation_studio")):
             assert "image/png" in kinds, f"{nb.name}: a live widget's cell without its static figure"
 
 
