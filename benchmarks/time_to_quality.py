@@ -8,7 +8,9 @@ keeps its EMA weights every ``--every`` steps (``snapshot_every``), and scores t
 - every snapshot: FID of ``--curve-n`` class-balanced samples (DDIM, ``--curve-steps`` steps), for the
   FID-against-images curve, with the minutes each snapshot took to reach (the folder's write time);
 - the last weights: the course metric, 1,000 class-balanced samples against the 10k test images, with
-  DDIM at 50 steps, DPM-Solver++ 2M at 20 and, with ``--ddpm``, 1000-step ancestral DDPM.
+  DDIM at 50 steps, DPM-Solver++ 2M at 20 and, with ``--ddpm``, 1000-step ancestral DDPM;
+- ``fewstep NAME``: the same metric at 1 to 50 network evaluations (``FEW_STEP``), for comparing objectives
+  (eps, v, rectified flow) as few-step models: the table's second part and the figure's second panel.
 
 Candidates that cost the same per step (objective, weighting, how t is drawn, LR schedule, EMA) are
 compared at equal images seen, which a busy machine cannot bias; each run also records its images/s, so

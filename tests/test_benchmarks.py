@@ -1,4 +1,5 @@
-"""The quality benchmark's bookkeeping: an interrupted row resumes at its next batch with the same images."""
+"""The benchmarks' bookkeeping: an interrupted quality row resumes at its next batch with the same images; the
+objectives study picks the best sampler per budget of network evaluations and builds the configs it names."""
 
 import sys
 
@@ -10,6 +11,7 @@ from lessons_lib.pipeline import DiffusionPipeline
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import quality_per_nfe as bench  # noqa: E402
+import time_to_quality as ttq  # noqa: E402
 
 
 class Interrupted(Exception):
@@ -48,3 +50,15 @@ def test_a_row_stopped_mid_way_resumes_at_its_next_batch(tmp_path, monkeypatch):
     calls.clear()  # the same file for another row (other steps) is not reused
     bench.balanced_samples(pipe, "ddim", 4, 30, batch_size=10, progress=False, partial=partial)
     assert len(calls) == 3
+
+
+def test_the_study_scores_each_budget_by_its_best_sampler_and_builds_its_candidates():
+    entry = {"final": [{"sampler": "ddim", "steps": 50, "fid": 30.0}, {"sampler": "dpmpp_2m", "steps": 20, "fid": 12.0}],
+             "few_step": [{"sampler": "ddim", "steps": 20, "fid": 14.0}, {"sampler": "dpmpp_2m", "steps": 50, "fid": 25.0},
+                          {"sampler": "heun", "steps": 3, "fid": 40.0}, {"sampler": "ddim", "steps": 5, "fid": 41.0}]}
+    best = ttq.best_per_budget(entry)
+    assert list(best) == [5, 20, 50]  # heun with 3 steps costs 2 * 3 - 1 = 5 evaluations
+    assert [best[n]["sampler"] for n in best] == ["heun", "dpmpp_2m", "dpmpp_2m"]
+    flow = ttq.candidate_config("flow+logit_normal", images=1280, every=5)
+    assert (flow.prediction, flow.schedule, flow.weighting, flow.timesteps) == ("flow", "flow", "uniform", "logsnr_normal")
+    assert (flow.logsnr_mean, flow.logsnr_std, flow.max_steps, flow.amp) == (0.0, 2.0, 10, "auto")
