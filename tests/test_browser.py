@@ -1,4 +1,4 @@
-"""The live widgets in a real browser: lessons 01, 02 and 08 run in JupyterLab, driven by headless Chromium.
+"""The live widgets in a real browser: lessons 01, 02, 08 and 09 run in JupyterLab, driven by headless Chromium.
 
 The unit tests call the widgets' callbacks in Python; only a browser shows that the front end renders them
 (the JupyterLab widgets extension is installed and enabled, the kernel is not headless) and that moving a
@@ -46,6 +46,8 @@ OUT = BUILD_DIR / "browser"
 WIDTHS = (1024, 1280, 1400)
 MIN_TRACK = 100  # px of slider track: about 10 positions per 100 px of a 1000-step t slider stay reachable by mouse
 STUDIO_CELLS = ("DiffusionPipeline.from_pretrained", "widgets.generation_studio(")  # lesson 08's copy keeps these
+FLOW_CELLS = ("check_running_lesson(", "def eight_gaussians(", "class VelocityMLP(", "def euler_by_hand(",
+              "widgets.flow_paths_explorer(")  # lesson 09's copy: the toy flow and its path explorer
 # Seconds, sized for a quiet 2-core machine with room to spare.
 SERVER_START, KERNEL_START, NOTEBOOK_RUN, RENDER, REDRAW = 60, 60, 180, 20, 30
 WIDGET_ERROR = re.compile(r"Error displaying widget|model not found|Class \S+ not found", re.IGNORECASE)
@@ -66,18 +68,19 @@ class Lab:
 
 
 def _prepare_lessons(root: Path) -> None:
-    """Copy lessons 01, 02 and 08 without outputs (a stale static figure must not pass for a live one).
-    Lesson 08's copy has ``SMOKE = True`` in its parameters cell and keeps only that cell and the ones the
-    studio needs: the rest of it (exports, fresh processes, benchmarks) takes ~2 CPU minutes and nbval
-    runs it already."""
-    for name in ("01_forward_noising", "02_noise_schedules", "08_deployment"):
+    """Copy lessons 01, 02, 08 and 09 without outputs (a stale static figure must not pass for a live one).
+    Lessons 08 and 09 are copied with ``SMOKE = True`` in their parameters cell and keep only that cell and the
+    ones their widget needs (the studio; the toy flow): the rest of them (exports, fresh processes, benchmarks,
+    the Fashion-MNIST models) takes CPU minutes and nbval runs it already."""
+    keep = {"08_deployment": STUDIO_CELLS, "09_flow_matching": FLOW_CELLS}
+    for name in ("01_forward_noising", "02_noise_schedules", *keep):
         nb = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
-        if name.startswith("08"):
+        if name in keep:
             parameters = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
             parameters.source, count = re.subn(r"^SMOKE = .*$", "SMOKE = True", parameters.source, flags=re.MULTILINE)
-            assert count == 1, "lesson 08's parameters cell no longer sets SMOKE on a line of its own"
-            nb.cells = [parameters, *(c for c in nb.cells if any(s in c.source for s in STUDIO_CELLS))]
-            assert len(nb.cells) == 1 + len(STUDIO_CELLS), "lesson 08's studio cells were not found"
+            assert count == 1, f"lesson {name[:2]}'s parameters cell no longer sets SMOKE on a line of its own"
+            nb.cells = [parameters, *(c for c in nb.cells if any(s in c.source for s in keep[name]))]
+            assert len(nb.cells) == 1 + len(keep[name]), f"lesson {name[:2]}'s widget cells were not found"
         for cell in nb.cells:
             if cell.cell_type == "code":
                 cell.outputs, cell.execution_count = [], None
@@ -297,4 +300,14 @@ def test_lesson08_generation_studio(page, console, lab, slider_tracks):
     studio = live_widget(page, "widgets.generation_studio(")
     assert_redraws(studio, lambda: studio.get_by_role("button", name="Generate", exact=True).click())
     document(studio, "08_generation_studio", slider_tracks)
+    assert_no_widget_errors(console)
+
+
+def test_lesson09_flow_paths_explorer(page, console, lab, slider_tracks):
+    """Lesson 09's flow-path explorer redraws when its steps slider moves and when the solver changes."""
+    run_lesson(page, lab, "09_flow_matching")
+    explorer = live_widget(page, "widgets.flow_paths_explorer(")
+    assert_redraws(explorer, lambda: press_right(control(explorer, "slider", "steps")))
+    assert_redraws(explorer, lambda: explorer.get_by_role("button", name="heun", exact=True).click())
+    document(explorer, "09_flow_paths_explorer", slider_tracks)
     assert_no_widget_errors(console)
