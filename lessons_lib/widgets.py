@@ -269,8 +269,6 @@ class FlowPathsExplorer:
     def update(self, **changes) -> None:
         _merge(self.state, changes)
         steps, solver = self.state["steps"], self.state["solver"]
-        if solver not in FLOW_SOLVERS:
-            raise ValueError(f"unknown flow solver {solver!r}; allowed: {', '.join(FLOW_SOLVERS)}")
         end, path = flow_solve(self.velocity, self.x1, steps, solver, return_path=True)
         self.lines.set_segments(path[:, : self.paths].permute(1, 0, 2).numpy())
         self.end.set_offsets(end.numpy())
