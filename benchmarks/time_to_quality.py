@@ -41,6 +41,8 @@ from lessons_lib import train as T
 from lessons_lib.checkpoint import atomic_write
 from lessons_lib.config import BUILD_DIR, REPO_ROOT
 from lessons_lib.pipeline import DiffusionPipeline
+from lessons_lib.samplers import get_sampler
+from lessons_lib.schedules import get_schedule
 
 RUNS = BUILD_DIR / "runs" / "ttq"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -69,6 +71,10 @@ CANDIDATES = {
     "flow": dict(prediction="flow", schedule="flow", weighting="uniform"),
     "flow+logit_normal": dict(prediction="flow", schedule="flow", weighting="uniform", timesteps="logsnr_normal",
                               logsnr_mean=0.0, logsnr_std=2.0),
+    # v on the cosine schedule, t drawn as flow+logit_normal draws it (log-SNR ~ N(0, 2)), the v loss unweighted:
+    # its one-loss weighting over log-SNR (train.objective_density) is nearly flow+logit_normal's, so the pair
+    # separates the weighting from the straight path
+    "v+logit_normal": dict(weighting="uniform", timesteps="logsnr_normal", logsnr_mean=0.0, logsnr_std=2.0),
 }
 # Few-step scoring (``fewstep``): DDIM, which on the flow path is exactly Euler in t (lessons_lib.flow), at every
 # budget, and DPM-Solver++ 2M where it differs from DDIM (from 2 evaluations); the best of them per budget.
@@ -164,10 +170,6 @@ def fewstep(args) -> None:
             atomic_write(path, lambda tmp: tmp.write_text(json.dumps(entry, indent=2)))
 
 
-def nfe(sampler: str, steps: int) -> int:
-    return 2 * steps - 1 if sampler == "heun" else steps
-
-
 def table(args) -> None:
     entries = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
     entries = [e for e in entries if not args.names or e["name"] in args.names]
@@ -217,9 +219,10 @@ def table(args) -> None:
 
 def best_per_budget(entry: dict) -> dict[int, dict]:
     """The lowest-FID sampler at each number of network evaluations, over the run's final and few-step scores."""
+    schedule = get_schedule(entry["config"]["schedule"], entry["config"]["num_steps"])
     best: dict[int, dict] = {}
     for r in entry["final"] + entry.get("few_step", []):
-        n = nfe(r["sampler"], r["steps"])
+        n = get_sampler(r["sampler"], schedule, r["steps"]).nfe  # the sampler counts its own network evaluations
         if n not in best or r["fid"] < best[n]["fid"]:
             best[n] = r
     return dict(sorted(best.items()))

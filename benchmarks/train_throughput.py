@@ -136,16 +136,19 @@ def step_flops(name: str, cfg: T.TrainConfig, device: torch.device) -> int:
 def cpu_peak_flops(cores: int) -> tuple[dict[str, float], str]:
     """Peak FLOP/s of ``cores`` cores of this CPU, per dtype, and how it was derived.
 
-    Per core and cycle: fp32 on AVX-512, two FMA units x 16 lanes x 2 = 64; bf16 on AMX, one 16x32 by 32x16
-    tile product (16,384 FLOPs) per 16 cycles = 1,024; bf16 on AVX512-BF16 alone, 2 x 32 x 2 = 128. The clock
-    is the kernel's ``cpu MHz`` (a virtual machine reports its nominal clock; turbo can be higher)."""
+    Per core and cycle: fp32 with two FMA units x lanes x 2, i.e. 64 on AVX-512 (16 lanes) and 32 on AVX2 (8);
+    bf16 on AMX, one 16x32 by 32x16 tile product (16,384 FLOPs) per 16 cycles = 1,024; on AVX512-BF16 alone,
+    2 x 32 x 2 = 128; without either, bf16 is emulated in fp32 (the fp32 figure). The clock is the kernel's
+    ``cpu MHz`` (a virtual machine reports its nominal clock; turbo can be higher)."""
     mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
-    amx = torch.cpu._is_amx_tile_supported()
-    bf16_per_cycle = 1024 if amx else 128 if torch.cpu._is_avx512_bf16_supported() else 64
+    fp32_isa, fp32_per_cycle = ("AVX-512", 64) if torch.cpu._is_avx512_supported() else ("AVX2", 32)
+    bf16_isa, bf16_per_cycle = (("AMX", 1024) if torch.cpu._is_amx_tile_supported() else
+                                ("AVX512-BF16", 128) if torch.cpu._is_avx512_bf16_supported() else
+                                ("none: emulated in fp32", fp32_per_cycle))
     hz = mhz * 1e6
-    how = (f"{cores} cores x {mhz / 1e3:.2f} GHz x (fp32 AVX-512: 64, bf16 {'AMX' if amx else 'AVX-512'}: "
+    how = (f"{cores} cores x {mhz / 1e3:.2f} GHz x (fp32 {fp32_isa}: {fp32_per_cycle}, bf16 {bf16_isa}: "
            f"{bf16_per_cycle} FLOP/cycle)")
-    return {"fp32": cores * hz * 64, "bf16": cores * hz * bf16_per_cycle}, how
+    return {"fp32": cores * hz * fp32_per_cycle, "bf16": cores * hz * bf16_per_cycle}, how
 
 
 def onednn_kernels(preset: str) -> str:

@@ -53,7 +53,8 @@ def test_a_row_stopped_mid_way_resumes_at_its_next_batch(tmp_path, monkeypatch):
 
 
 def test_the_study_scores_each_budget_by_its_best_sampler_and_builds_its_candidates():
-    entry = {"final": [{"sampler": "ddim", "steps": 50, "fid": 30.0}, {"sampler": "dpmpp_2m", "steps": 20, "fid": 12.0}],
+    entry = {"config": {"schedule": "cosine", "num_steps": 1000},
+             "final": [{"sampler": "ddim", "steps": 50, "fid": 30.0}, {"sampler": "dpmpp_2m", "steps": 20, "fid": 12.0}],
              "few_step": [{"sampler": "ddim", "steps": 20, "fid": 14.0}, {"sampler": "dpmpp_2m", "steps": 50, "fid": 25.0},
                           {"sampler": "heun", "steps": 3, "fid": 40.0}, {"sampler": "ddim", "steps": 5, "fid": 41.0}]}
     best = ttq.best_per_budget(entry)
