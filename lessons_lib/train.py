@@ -170,7 +170,7 @@ class TrainConfig:
 def preset(name: str, **overrides) -> TrainConfig:
     """``cpu``: lesson 04's 30-minute run on a 2-core laptop (a 1.1M-parameter U-Net, v prediction, min-SNR-5,
     batch 128, lr 2e-3 kept constant after the warm-up, EMA 0.999 with its ramp, bf16 autocast where the CPU has
-    AMX or AVX512-BF16: the best recipe of the time-to-quality study at that length); ``long``: a 2.5M-parameter
+    AMX or AVX512-BF16: the v/eps recipe the time-to-quality study chose for that length); ``long``: a 2.5M-parameter
     U-Net for runs of hours on a CPU, resumable (v prediction, min-SNR-5, bf16 autocast where the CPU has AMX,
     batch 128, lr 2e-3 on a cosine decay over the planned steps, power EMA); ``gpu``: larger, for an
     accelerator; ``tiny``: tests. ``benchmarks/time_to_quality.py`` compares recipes for them.
