@@ -5,13 +5,14 @@ For each sampler of ``lessons_lib.samplers.SAMPLERS`` and each budget of model e
 model twice per step except the last, PNDM's Runge-Kutta warm-up costs 4 evaluations per step, PLMS's 2.
 The reference row is DDPM with all ``--reference-steps`` (1000) steps. Every row draws ``--n``
 class-balanced images from the pretrained model with ``DiffusionPipeline`` (image i: class i % 10, seed
-``seed + i``, so every sampler starts from the same noises; trailing timesteps, no guidance), times the
+``seed + i``, so every sampler starts from the same noises; no guidance), times the
 sampling, and scores the images with ``lessons_lib.metrics.evaluate`` against the 10,000 Fashion-MNIST
-test images. The table gives FID / FID(reference) too.
+test images. The table gives FID / FID(reference) too. Every sampler runs on trailing timesteps, or on
+``--spacing`` (e.g. ``karras``); a row records its spacing, so one file can hold both.
 
 Rows are written to ``--out`` as each finishes. Running again with the same configuration (n, seed,
 model weights) skips the rows already there, and a row stopped mid-way resumes at its next batch of images
-(kept in ``<out>.<sampler>-<steps>.partial.pt`` until the row is done), so an interrupted run (the full grid
+(kept in ``<out>.<sampler>-<spacing>-<steps>.partial.pt`` until the row is done), so an interrupted run (the full grid
 takes hours on a 2-core CPU, 1000-step DDPM alone over two) continues where it stopped.
 
 Run from the repository root:  python benchmarks/quality_per_nfe.py [--n 1000] [--nfe 10 20 50] [--samplers ddim heun]
@@ -33,13 +34,15 @@ from lessons_lib import metrics
 from lessons_lib.checkpoint import atomic_write
 from lessons_lib.config import PRETRAINED_MODEL, REPO_ROOT
 from lessons_lib.pipeline import DiffusionPipeline, GenerationConfig
-from lessons_lib.samplers import SAMPLERS, get_sampler
+from lessons_lib.samplers import SAMPLERS, SPACINGS, get_sampler
 from lessons_lib.schedules import NoiseSchedule
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "quality_per_nfe.json"
-SPACING = "trailing"
 NFE_BUDGETS = (10, 20, 50)
 SUMMARY_NFE = (20, 10)  # the budgets summary() reports the best sampler at
+
+
+SPACING = "trailing"  # the default spacing of the rows
 
 
 def steps_for_nfe(name: str, schedule: NoiseSchedule, nfe: int, spacing: str = SPACING) -> int:
@@ -58,13 +61,14 @@ def machine() -> str:
 
 
 def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, seed: int = 0, batch_size: int = 100,
-                     progress: bool = True, partial: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+                     progress: bool = True, partial: Path | None = None,
+                     spacing: str = SPACING) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """``n`` images, image i of class i % 10 from seed ``seed + i``, in batches; also the seconds and NFE per image.
 
     ``partial``: a file that keeps the finished batches, so a row interrupted mid-way (1000-step DDPM: over ten
     minutes a batch on a CPU) resumes at its next batch; it is ignored if it holds another row's batches."""
     classes = len(pipe.classes)
-    key = {"sampler": sampler, "steps": steps, "n": n, "seed": seed, "batch_size": batch_size,
+    key = {"sampler": sampler, "steps": steps, "spacing": spacing, "n": n, "seed": seed, "batch_size": batch_size,
            "model_sha256": (pipe.metadata or {}).get("weights_sha256")}
     state = {"key": key, "images": [], "labels": [], "seconds": 0.0, "nfe": []}
     if partial is not None and partial.is_file():
@@ -72,7 +76,7 @@ def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, 
         state = saved if saved["key"] == key else state
     starts = range(len(state["images"]) * batch_size, n, batch_size)
     for start in tqdm(starts, desc=f"{sampler}, {steps} steps", disable=not progress, leave=False):
-        configs = [GenerationConfig(prompt=i % classes, seed=seed + i, sampler=sampler, steps=steps, spacing=SPACING)
+        configs = [GenerationConfig(prompt=i % classes, seed=seed + i, sampler=sampler, steps=steps, spacing=spacing)
                    for i in range(start, min(start + batch_size, n))]
         results = pipe.generate_batch(configs, progress=False)
         state["images"].append(torch.cat([r.images for r in results]))
@@ -86,20 +90,33 @@ def balanced_samples(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, 
 
 
 def run_row(pipe: DiffusionPipeline, sampler: str, steps: int, n: int, seed: int = 0, batch_size: int = 100,
-            progress: bool = True, n_reference: int | None = None, partial: Path | None = None) -> dict:
-    """Sample, time and score one (sampler, steps) cell of the table (against ``n_reference`` test images; None: all)."""
-    images, labels, seconds, nfe = balanced_samples(pipe, sampler, steps, n, seed, batch_size, progress, partial)
+            progress: bool = True, n_reference: int | None = None, partial: Path | None = None,
+            spacing: str = SPACING) -> dict:
+    """Sample, time and score one (sampler, steps, spacing) cell of the table (against ``n_reference`` test images;
+    None: all)."""
+    images, labels, seconds, nfe = balanced_samples(pipe, sampler, steps, n, seed, batch_size, progress, partial, spacing)
     score = metrics.evaluate(images, reference="test", labels=labels, n_reference=n_reference)
-    return {"sampler": sampler, "steps": steps, "nfe": nfe, "fid": score.fid, "precision": score.precision,
+    return {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe, "fid": score.fid, "precision": score.precision,
             "recall": score.recall, "accuracy": score.accuracy, "seconds_per_1000": 1000 * seconds / n,
             "device": str(pipe.device), "machine": machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def load_results(path: str | Path = RESULTS) -> dict | None:
-    """The results file written by this script, or None if there is none."""
+    """The results file written by this script, or None if there is none (rows of files from before rows kept
+    their spacing get the file's one spacing)."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    for row in results["rows"]:
+        row.setdefault("spacing", results["config"].get("spacing", "trailing"))
+    return results
+
+
+def label(row: dict) -> str:
+    """A row's sampler, with its spacing where it is not the default (trailing)."""
+    return row["sampler"] + ("" if row["spacing"] == SPACING else f" ({row['spacing']})")
 
 
 def reference_row(results: dict) -> dict | None:
@@ -111,13 +128,13 @@ def reference_row(results: dict) -> dict | None:
 def format_table(results: dict) -> str:
     """The results as a markdown table: the reference first, then each sampler by NFE (no ratio column without it)."""
     ref = reference_row(results)
-    rows = sorted(results["rows"], key=lambda r: (r is not ref, list(SAMPLERS).index(r["sampler"]), r["nfe"]))
+    rows = sorted(results["rows"], key=lambda r: (r is not ref, list(SAMPLERS).index(r["sampler"]), r["spacing"], r["nfe"]))
     ratio = f" FID / FID(DDPM-{ref['steps']}) |" if ref else ""
-    lines = [f"| sampler | steps | NFE | FID |{ratio} precision | recall | s / 1000 images |",
-             "|---|---:|---:|---:|" + ("---:|" if ref else "") + "---:|---:|---:|"]
+    lines = [f"| sampler | spacing | steps | NFE | FID |{ratio} precision | recall | s / 1000 images |",
+             "|---|---|---:|---:|---:|" + ("---:|" if ref else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = f" {r['fid'] / ref['fid']:.2f} |" if ref else ""
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |{ratio} {r['precision']:.3f} "
+        lines.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |{ratio} {r['precision']:.3f} "
                      f"| {r['recall']:.3f} | {r['seconds_per_1000']:.0f} |")
     return "\n".join(lines)
 
@@ -138,7 +155,8 @@ def summary(results: dict) -> list[str]:
         if best is not None:
             against = (f" = {best['fid'] / ref['fid']:.2f} x DDPM-{ref['steps']} (FID {ref['fid']:.2f})" if ref
                        else " (no DDPM reference row in this table)")
-            lines.append(f"best at <= {nfe} NFE: {best['sampler']} ({best['steps']} steps), FID {best['fid']:.2f}{against}")
+            lines.append(f"best at <= {nfe} NFE: {best['sampler']} ({best['steps']} {best['spacing']} steps), "
+                         f"FID {best['fid']:.2f}{against}")
     return lines
 
 
@@ -153,6 +171,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per row (compare FIDs only at equal n)")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(NFE_BUDGETS), help="budgets of model evaluations")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--spacing", choices=SPACINGS, default=SPACING, help="timestep spacing of every row")
     parser.add_argument("--reference-steps", type=int, default=1000, help="steps of the DDPM reference row (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file of results (read to resume)")
     parser.add_argument("--model", type=Path, default=PRETRAINED_MODEL, help="a saved model folder")
@@ -169,36 +188,41 @@ def main() -> None:
         parser.error(f"--nfe budgets must be >= 1, got {args.nfe}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.spacing == "karras" and {"pndm", "plms"} & set(args.samplers):
+        parser.error("pndm and plms need evenly spaced steps: leave them out of --samplers with --spacing karras")
 
     pipe = DiffusionPipeline.from_pretrained(args.model, device=args.device)
     T = pipe.schedule.num_steps
     if not 0 <= args.reference_steps <= T:
         parser.error(f"--reference-steps must lie in [0, {T}], got {args.reference_steps}")
-    config = {"n": args.n, "seed": args.seed, "spacing": SPACING, "reference": "test (10,000 images)",
+    config = {"n": args.n, "seed": args.seed, "spacing": "per row", "reference": "test (10,000 images)",
               "reference_steps": args.reference_steps, "model": _relative(args.model),
               "model_sha256": pipe.metadata["weights_sha256"]}
     results = None if args.fresh else load_results(args.out)
-    if results is not None and any(results["config"].get(k) != config[k] for k in ("n", "seed", "spacing", "model_sha256")):
+    if results is not None and any(results["config"].get(k) != config[k] for k in ("n", "seed", "model_sha256")):
         raise SystemExit(f"{args.out} holds results of another configuration ({results['config']}); "
                          f"use --fresh to replace them or --out to write elsewhere")
     results = results or {"config": config, "rows": []}
+    results["config"]["spacing"] = "per row"  # older files had one spacing for all rows: load_results copied it
     if args.reference_steps:
         results["config"]["reference_steps"] = args.reference_steps
 
-    plan = [("ddpm", args.reference_steps)] if args.reference_steps else []
-    plan += [(name, steps_for_nfe(name, pipe.schedule, b)) for name in args.samplers for b in args.nfe]
-    done = {(r["sampler"], r["steps"]) for r in results["rows"]}
+    plan = [("ddpm", args.reference_steps, SPACING)] if args.reference_steps else []  # all T steps: any spacing
+    plan += [(name, steps_for_nfe(name, pipe.schedule, b, args.spacing), args.spacing)
+             for name in args.samplers for b in args.nfe]
+    done = {(r["sampler"], r["steps"], r["spacing"]) for r in results["rows"]}
     todo = [cell for cell in dict.fromkeys(plan) if cell not in done]
     print(f"# quality per NFE: {len(plan) - len(todo)} of {len(set(plan))} rows already in {args.out}, {len(todo)} to run")
-    print(f"# {machine()}, device {pipe.device}; {args.n} images per row, {SPACING} steps, seed {args.seed}", flush=True)
-    for name, steps in todo:
-        partial = args.out.with_name(f"{args.out.stem}.{name}-{steps}.partial.pt")  # this row's finished batches
-        row = run_row(pipe, name, steps, args.n, args.seed, args.batch_size, not args.no_progress, partial=partial)
+    print(f"# {machine()}, device {pipe.device}; {args.n} images per row, seed {args.seed}", flush=True)
+    for name, steps, spacing in todo:
+        partial = args.out.with_name(f"{args.out.stem}.{name}-{spacing}-{steps}.partial.pt")  # its finished batches
+        row = run_row(pipe, name, steps, args.n, args.seed, args.batch_size, not args.no_progress, partial=partial,
+                      spacing=spacing)
         partial.unlink(missing_ok=True)
         results["rows"].append(row)
         results["date"] = row["date"]
         atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
-        print(f"  {name:<16} {steps:5d} steps  {row['nfe']:5d} NFE  FID {row['fid']:8.2f}  "
+        print(f"  {name:<16} {spacing:<9} {steps:5d} steps  {row['nfe']:5d} NFE  FID {row['fid']:8.2f}  "
               f"{row['seconds_per_1000']:8.0f} s / 1000 images", flush=True)
 
     where = sorted({f"{r['machine']}, device {r['device']}" for r in results["rows"]})

@@ -29,14 +29,22 @@ from .samplers import SAMPLERS, SPACINGS, get_sampler, make_timesteps, sample
 from .schedules import NoiseSchedule, get_schedule, schedule_from_record
 from .unet import UNet
 
-# Quality presets: the sampler and number of steps a config leaves unset (steps capped at T). PLMS with 9 and 19
-# steps (10 and 20 network evaluations) scored best at those budgets on the shipped model
-# (benchmarks/results/quality_per_nfe.json: FID 9.6 and 6.2 on 1,000 images; DPM-Solver++ 2M 10.6 and 6.5).
+# Quality presets: the sampler, number of steps and timestep spacing a config leaves unset (steps capped at T).
+# DPM-Solver++ 2M on Karras et al.'s noise levels (rho = 3) scored best at 10 and 20 network evaluations on the shipped
+# model (benchmarks/results/quality_per_nfe.json, 1,000 images: FID 4.1 and 4.4; on trailing steps 10.5 and 6.5). The
+# Karras grid is the default only for the presets' sampler and steps: at 50 evaluations it scored 7.3 against 5.8.
 PRESETS = {
-    "fast": ("plms", 9),
-    "balanced": ("plms", 19),
-    "high": ("ddpm", 1000),
+    "fast": ("dpmpp_2m", 10, "karras"),
+    "balanced": ("dpmpp_2m", 20, "karras"),
+    "high": ("ddpm", 1000, "trailing"),
 }
+def preset_spacing(sampler: str, steps: int, num_train_steps: int) -> str:
+    """The spacing of the preset that runs ``sampler`` with ``steps`` steps (of ``num_train_steps``), else trailing:
+    a spacing measured for one sampler and budget is not carried to others."""
+    return next((spacing for name, n, spacing in PRESETS.values() if (name, min(n, num_train_steps)) == (sampler, steps)),
+                "trailing")
+
+
 IMG2IMG_STRENGTH = 0.8  # image-to-image without a mask, when no strength is given (diffusers' default)
 
 
@@ -66,6 +74,9 @@ class GenerationConfig:
       branch of classifier-free guidance, so it acts only with ``guidance_scale`` != 1.
     - ``guidance_scale``: w in uncond + w (cond - uncond) (Ho & Salimans 2022, eq. 6); 1 = no guidance.
     - ``eta``: DDIM's noise (0 = deterministic, 1 = DDPM's variance); ``ddim`` only.
+    - ``spacing``: how the steps spread over the T training steps (``SPACINGS``); None = the spacing of the preset
+      with this sampler and number of steps (``karras`` for dpmpp_2m with 10 or 20), else ``trailing``; always
+      ``trailing`` for edits, so that a strength s starts the run near t = s T.
     - ``init_image``: (C, H, W) or (num_images, C, H, W) in [-1, 1], the input of image-to-image / inpainting.
     - ``strength``: the fraction of the steps run from the noised ``init_image`` (0 = return it unchanged,
       1 = ignore it); default 0.8 for image-to-image, 1 for inpainting.
@@ -83,7 +94,7 @@ class GenerationConfig:
     steps: int | None = None
     guidance_scale: float = 1.0
     eta: float | None = None
-    spacing: str = "trailing"
+    spacing: str | None = None
     device: str | None = None
     init_image: torch.Tensor | None = None
     strength: float | None = None
@@ -106,7 +117,7 @@ class GenerationConfig:
                                 f"got {type(value).__name__} {value!r}")
         for name, value, allowed in (("preset", self.preset, PRESETS), ("spacing", self.spacing, SPACINGS),
                                      ("sampler", self.sampler, SAMPLERS)):
-            if value not in allowed and not (name == "sampler" and value is None):
+            if value not in allowed and not (name in ("sampler", "spacing") and value is None):
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
                 or not 0 <= self.guidance_scale < math.inf):
@@ -191,11 +202,14 @@ class DiffusionPipeline:
     # checking a config against this model
     # -----------------------------------------------------------------------------------------------
     def resolve(self, config: GenerationConfig) -> GenerationConfig:
-        """``config`` checked against this model, with the preset's sampler and steps and the default strength filled in."""
+        """``config`` checked against this model, with the preset's sampler, steps and spacing and the default
+        strength filled in."""
         T = self.schedule.num_steps
-        sampler, steps = PRESETS[config.preset]
-        config = replace(config, sampler=config.sampler if config.sampler is not None else sampler,
-                         steps=config.steps if config.steps is not None else min(steps, T))
+        sampler, steps, _ = PRESETS[config.preset]
+        sampler = config.sampler if config.sampler is not None else sampler
+        steps = config.steps if config.steps is not None else min(steps, T)
+        spacing = config.spacing or ("trailing" if config.init_image is not None else preset_spacing(sampler, steps, T))
+        config = replace(config, sampler=sampler, steps=steps, spacing=spacing)
         if config.steps > T:
             raise ValueError(f"steps must lie in [1, {T}] (the model's training steps), got {config.steps}")
         conditional = self.model.config.num_classes is not None
@@ -287,7 +301,7 @@ class DiffusionPipeline:
         Returns the images (on the CPU), the steps run, the number of network calls and the seconds taken.
         """
         start = time.perf_counter()
-        timesteps = make_timesteps(self.schedule.num_steps, c.steps, c.spacing)
+        timesteps = make_timesteps(self.schedule.num_steps, c.steps, c.spacing, self.schedule.alpha_bar)
         run = img2img_steps(len(timesteps), c.strength) if x0 is not None else len(timesteps)
         if run == 0:
             return x0.cpu().clone(), 0, 0, time.perf_counter() - start

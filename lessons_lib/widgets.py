@@ -354,7 +354,7 @@ class GenerationStudio:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
         self.pipe, self.dataset, self.max_rows = pipe, dataset, max_rows
-        sampler, steps = PRESETS[preset]
+        sampler, steps, _ = PRESETS[preset]  # the pipeline gives this pair the preset's spacing
         conditional = pipe.model.config.num_classes is not None
         self.state = {"prompt": pipe.classes[0] if conditional else None, "negative": None, "sampler": sampler,
                       "steps": min(steps, pipe.schedule.num_steps), "guidance_scale": 3.0 if conditional else 1.0,
@@ -496,7 +496,7 @@ class GenerationStudio:
             "strength": W.FloatSlider(value=s["strength"], min=0, max=1, step=0.05, description="strength"),
             "mask": W.Dropdown(options=list(MASKS), value=s["mask"], description="repaint", layout=short),
         }
-        built_with = next((name for name, value in PRESETS.items() if value == (s["sampler"], s["steps"])), None)
+        built_with = next((name for name, value in PRESETS.items() if value[:2] == (s["sampler"], s["steps"])), None)
         preset = W.Dropdown(options=list(PRESETS), value=built_with, description="preset", layout=short)
         upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
         generate, save = W.Button(description="Generate", button_style="primary"), W.Button(description="Save")
@@ -543,7 +543,7 @@ class GenerationStudio:
 
         def on_preset():
             if preset.value is not None:
-                controls["sampler"].value, steps = PRESETS[preset.value]
+                controls["sampler"].value, steps, _ = PRESETS[preset.value]
                 controls["steps"].value = min(steps, T)
 
         def on_mode(_change=None):  # controls that the chosen mode does not use are greyed out

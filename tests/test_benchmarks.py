@@ -1,6 +1,7 @@
-"""The benchmarks' bookkeeping: an interrupted quality row resumes at its next batch with the same images; the
-objectives study picks the best sampler per budget of network evaluations and builds the configs it names."""
+"""The benchmarks' bookkeeping: an interrupted quality row resumes at its next batch with the same images; rows
+keep their timestep spacing (files from before read as their one spacing); the objectives study picks the best sampler per budget of network evaluations and builds the configs it names."""
 
+import json
 import sys
 
 import torch
@@ -50,6 +51,27 @@ def test_a_row_stopped_mid_way_resumes_at_its_next_batch(tmp_path, monkeypatch):
     calls.clear()  # the same file for another row (other steps) is not reused
     bench.balanced_samples(pipe, "ddim", 4, 30, batch_size=10, progress=False, partial=partial)
     assert len(calls) == 3
+
+
+def test_rows_keep_their_spacing_and_old_files_read_as_trailing(tmp_path):
+    row = lambda sampler, steps, fid, **kw: {"sampler": sampler, "steps": steps, "nfe": steps, "fid": fid,  # noqa: E731
+                                             "precision": 0.8, "recall": 0.8, "seconds_per_1000": 1.0, **kw}
+    old = {"config": {"n": 1000, "spacing": "trailing", "reference_steps": 0},
+           "rows": [row("dpmpp_2m", 10, 10.5), row("ddim", 10, 15.2)]}
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(old))
+    results = bench.load_results(path)
+    assert [r["spacing"] for r in results["rows"]] == ["trailing", "trailing"]
+    results["rows"].append(row("dpmpp_2m", 10, 4.4, spacing="karras"))
+    assert [bench.label(r) for r in results["rows"]] == ["dpmpp_2m", "ddim", "dpmpp_2m (karras)"]
+    best = bench.best_at(results, 10)
+    assert (best["spacing"], best["fid"]) == ("karras", 4.4)
+    assert bench.summary(results)[-1].startswith("best at <= 10 NFE: dpmpp_2m (10 karras steps), FID 4.40")
+    table = bench.format_table(results)
+    assert "| dpmpp_2m | karras | 10 | 10 | 4.40 |" in table and "| dpmpp_2m | trailing | 10 | 10 | 10.50 |" in table
+    a, b = (bench.balanced_samples(DiffusionPipeline(Elementwise().eval(), S), "dpmpp_2m", 5, 10, batch_size=10,
+                                   progress=False, spacing=spacing)[0] for spacing in ("karras", "trailing"))
+    assert not torch.equal(a, b)  # the spacing reaches the sampler
 
 
 def test_the_study_scores_each_budget_by_its_best_sampler_and_builds_its_candidates():

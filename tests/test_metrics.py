@@ -255,8 +255,8 @@ def test_cli_evaluate_samples_a_checkpoint_per_class(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "tiny"), "--n", "4", "--steps", "2",
                  "--n-reference", "200", "--no-progress"]) == 0  # classes 0, 1, 2, 3: one image each
     out = capsys.readouterr().out
-    assert "4 samples of tiny, plms 2 steps" in out and "accuracy w.r.t. requested labels" in out  # balanced preset
+    assert "4 samples of tiny, dpmpp_2m 2 steps" in out and "accuracy w.r.t. requested labels" in out  # balanced preset
     assert "(4 samples vs 200 test images)" in out
     assert main(["evaluate", "--checkpoint", str(tmp_path / "tiny"), "--n", "4", "--preset", "fast", "--sampler", "ddim",
                  "--n-reference", "200", "--no-progress"]) == 0
-    assert "4 samples of tiny, ddim 9 steps" in capsys.readouterr().out  # the steps from --preset, the sampler given
+    assert "4 samples of tiny, ddim 10 steps" in capsys.readouterr().out  # the steps from --preset, the sampler given

@@ -129,21 +129,38 @@ def test_generate_batch_runs_compatible_configs_together_with_the_same_images(pi
 
 
 def test_presets_fill_only_what_the_config_leaves_unset(pipe):
-    assert PRESETS["fast"] == ("plms", 9) and PRESETS["balanced"] == ("plms", 19)
+    assert PRESETS["fast"] == ("dpmpp_2m", 10, "karras") and PRESETS["balanced"] == ("dpmpp_2m", 20, "karras")
     fast = pipe.resolve(GenerationConfig(preset="fast"))
-    assert (fast.sampler, fast.steps) == ("plms", 9)
+    assert (fast.sampler, fast.steps, fast.spacing) == ("dpmpp_2m", 10, "karras")
     high = pipe.resolve(GenerationConfig(preset="high"))
-    assert (high.sampler, high.steps) == ("ddpm", T)  # 1000 steps, capped at this model's T
+    assert (high.sampler, high.steps, high.spacing) == ("ddpm", T, "trailing")  # 1000 steps, capped at this model's T
     mine = pipe.resolve(GenerationConfig(preset="fast", sampler="ddim", steps=4))
-    assert (mine.sampler, mine.steps) == ("ddim", 4)
+    assert (mine.sampler, mine.steps, mine.spacing) == ("ddim", 4, "trailing")
+    mine = pipe.resolve(GenerationConfig(sampler="dpmpp_2m", steps=50))  # no preset runs it: not the Karras grid
+    assert mine.spacing == "trailing"
+    mine = pipe.resolve(GenerationConfig(preset="high", sampler="dpmpp_2m", steps=20))  # the balanced preset's pair
+    assert mine.spacing == "karras"
+    mine = pipe.resolve(GenerationConfig(sampler="dpmpp_2m", spacing="leading"))
+    assert (mine.sampler, mine.steps, mine.spacing) == ("dpmpp_2m", 20, "leading")
+
+
+def test_edits_default_to_trailing_steps(pipe):
+    """Image-to-image runs the last strength x steps: on trailing steps they start near t = strength x T."""
+    source = torch.zeros(1, 28, 28)
+    edit = pipe.resolve(GenerationConfig(init_image=source, strength=0.5))
+    assert (edit.sampler, edit.steps, edit.spacing) == ("dpmpp_2m", 20, "trailing")
+    result = pipe.generate(GenerationConfig(init_image=source, strength=0.5, steps=10, prompt=1), progress=False)
+    assert result.steps == 5 and result.nfe == 5
+    karras = pipe.resolve(GenerationConfig(init_image=source, strength=0.5, spacing="karras"))
+    assert karras.spacing == "karras"  # given explicitly: kept
 
 
 @pytest.mark.parametrize("name", ["fast", "balanced", "high"])
 def test_presets_generate(pipe, name):
     result = pipe.generate(GenerationConfig(preset=name, prompt="dress", num_images=2), progress=False)
-    sampler, steps = PRESETS[name]
+    sampler, steps, _ = PRESETS[name]
     assert result.images.shape == (2, 1, 28, 28) and torch.isfinite(result.images).all()
-    expected_nfe = get_sampler(sampler, pipe.schedule, min(steps, T), "trailing").nfe  # PLMS: one more than its steps
+    expected_nfe = get_sampler(sampler, pipe.schedule, min(steps, T), result.config.spacing).nfe
     assert (result.config.sampler, result.steps, result.nfe) == (sampler, min(steps, T), expected_nfe)
 
 
@@ -196,7 +213,8 @@ def photo():
 def test_strength_zero_returns_the_input_and_one_ignores_it(pipe, photo, sampler):
     kept = pipe.generate(config(sampler=sampler, init_image=photo, strength=0.0, num_images=2), progress=False)
     assert torch.equal(kept.images, photo.expand(2, 1, 28, 28)) and kept.nfe == 0
-    plain = pipe.generate(config(sampler=sampler, prompt=1, num_images=2, seed=4), progress=False).images
+    plain = pipe.generate(config(sampler=sampler, prompt=1, num_images=2, seed=4, spacing="trailing"),  # an edit's
+                          progress=False).images
     ignored = pipe.generate(config(sampler=sampler, prompt=1, num_images=2, seed=4, init_image=photo, strength=1.0),
                             progress=False).images
     assert torch.equal(ignored, plain)

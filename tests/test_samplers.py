@@ -38,7 +38,7 @@ def gaussian_denoiser(mu: float, s: float, schedule, prediction="eps"):
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("n", STEPS)
 def test_timesteps_valid_for_every_count_and_spacing(spacing, n):
-    ts = make_timesteps(1000, n, spacing)
+    ts = make_timesteps(1000, n, spacing, get_schedule("cosine", 1000).alpha_bar)
     assert len(ts) == n and ts.min() >= 0 and ts.max() <= 999 and torch.all(ts[1:] < ts[:-1])
 
 
@@ -49,11 +49,59 @@ def test_timestep_values_match_the_spacing_definitions():
     assert make_timesteps(1000, 3, "trailing").tolist() == [999, 666, 332]
 
 
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("n", [3, 10, 20, 50])
+def test_karras_timesteps_follow_eq_5(schedule_name, n):
+    """After t = 999 (pure noise), the grid's sigmas are eq. 5's from sigma_max = 80 down to sigma at t = 0, each
+    rounded to the nearest training step in log sigma (at 50 steps, repeats near t = 0 are nudged apart)."""
+    ab = get_schedule(schedule_name, 1000).alpha_bar
+    ts = make_timesteps(1000, n, "karras", ab)
+    sigma = ((1 - ab) / ab).sqrt()
+    ramp = torch.linspace(0, 1, n - 1, dtype=torch.float64)
+    r = samplers.KARRAS_RHO
+    eq5 = (80 ** (1 / r) + ramp * (sigma[0] ** (1 / r) - 80 ** (1 / r))) ** r
+    nearest = torch.tensor([int((sigma.log() - s.log()).abs().argmin()) for s in eq5])
+    assert ts[0] == 999 and torch.all(ts[1:] < ts[:-1])
+    if n < 50:
+        assert ts[1:].tolist() == nearest.tolist()
+    else:
+        assert (ts[1:] - nearest).abs().max() <= 6 and ts[-1] == 0 and (ts[1:] == nearest).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("n", [10, 25])
+@pytest.mark.parametrize("betas", [{"beta_schedule": "linear"},
+                                   {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}])
+def test_karras_timesteps_match_diffusers(betas, n):
+    """diffusers' Karras sigmas (use_karras_sigmas: rho = 7) run from the schedule's own sigma_max, with no step at
+    t = 999 before them: ours with that rho and maximum are the same timesteps (both round in log sigma)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True, **betas)
+    ab = ref.alphas_cumprod.double()
+    ref.set_timesteps(n)
+    ours = samplers.karras_timesteps(ab, n, rho=7.0, sigma_max=((1 - ab[-1]) / ab[-1]).sqrt().item())
+    assert ours.tolist() == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("name", ["pndm", "plms"])
+def test_pndm_and_plms_refuse_uneven_steps(name):
+    with pytest.raises(ValueError, match="evenly spaced"):
+        get_sampler(name, get_schedule("cosine", 1000), 10, "karras")
+    get_sampler(name, get_schedule("cosine", 1000), 19, "trailing")  # steps of 52 and 53: even enough
+
+
+def test_karras_spacing_needs_the_schedule():
+    with pytest.raises(ValueError, match="alpha_bar"):
+        make_timesteps(1000, 10, "karras")
+
+
 def point_mass_cases():
     """Every sampler, spacing and step count (1 to T); the prediction type rotates along."""
     for name in SAMPLERS:
         for j, spacing in enumerate(SPACINGS):
             for k, n in enumerate((1, 2, 3, 4, 37, 100)):
+                if name in ("pndm", "plms") and spacing == "karras" and n not in (1, 2, 3, 100):
+                    continue  # uneven steps: refused (test_pndm_and_plms_refuse_uneven_steps)
                 yield name, spacing, n, PREDICTION_TYPES[(j + k) % 3]
 
 
