@@ -48,7 +48,7 @@ def test_samples_have_shape_range_and_the_requested_class(pipe):
 
 @pytest.fixture(scope="module")
 def unguided(pipe):
-    """10 unguided samples of each class, DPM-Solver++ 2M with 20 steps."""
+    """10 unguided samples of each class, DPM-Solver++ 2M with 20 steps (the balanced preset: the Karras grid)."""
     images = torch.cat([pipe(10, c, steps=20, sampler="dpmpp_2m", seed=100 * c, progress=False)[0] for c in range(10)])
     return images, torch.arange(10).repeat_interleave(10)
 
