@@ -38,11 +38,9 @@ from lessons_lib.samplers import SAMPLERS, SPACINGS, get_sampler
 from lessons_lib.schedules import NoiseSchedule
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "quality_per_nfe.json"
+SPACING = "trailing"  # the rows' timestep spacing unless --spacing says otherwise
 NFE_BUDGETS = (10, 20, 50)
 SUMMARY_NFE = (20, 10)  # the budgets summary() reports the best sampler at
-
-
-SPACING = "trailing"  # the default spacing of the rows
 
 
 def steps_for_nfe(name: str, schedule: NoiseSchedule, nfe: int, spacing: str = SPACING) -> int:
@@ -134,8 +132,8 @@ def format_table(results: dict) -> str:
              "|---|---|---:|---:|---:|" + ("---:|" if ref else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = f" {r['fid'] / ref['fid']:.2f} |" if ref else ""
-        lines.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |{ratio} {r['precision']:.3f} "
-                     f"| {r['recall']:.3f} | {r['seconds_per_1000']:.0f} |")
+        lines.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |{ratio} "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['seconds_per_1000']:.0f} |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,8 @@ PRESETS = {
     "balanced": ("dpmpp_2m", 20, "karras"),
     "high": ("ddpm", 1000, "trailing"),
 }
+
+
 def preset_spacing(sampler: str, steps: int, num_train_steps: int) -> str:
     """The spacing of the preset that runs ``sampler`` with ``steps`` steps (of ``num_train_steps``), else trailing:
     a spacing measured for one sampler and budget is not carried to others."""

@@ -395,7 +395,7 @@ class PNDMSampler(Sampler):
 
     def _evaluations(self, grid):
         g, n, first = [*grid.tolist(), -1], len(grid), int(self._starts_in_pure_noise(grid))
-        gaps = [a - b for a, b in zip(g[first:n - 1], g[first + 1:n])]
+        gaps = [a - b for a, b in zip(g[first:n - 1], g[first + 1:n], strict=True)]
         if gaps and max(gaps) - min(gaps) > 1:  # the Adams-Bashforth weights below hold for equal steps only
             raise ValueError(f"{self.name} needs evenly spaced timesteps (these step by {min(gaps)} to {max(gaps)}): "
                              f"use spacing 'leading', 'trailing' or 'linspace'")

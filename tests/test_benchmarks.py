@@ -1,5 +1,6 @@
 """The benchmarks' bookkeeping: an interrupted quality row resumes at its next batch with the same images; rows
-keep their timestep spacing (files from before read as their one spacing); the objectives study picks the best sampler per budget of network evaluations and builds the configs it names."""
+keep their timestep spacing (files from before read as their one spacing); the objectives study picks the best
+sampler per budget of network evaluations and builds the configs it names."""
 
 import json
 import sys
