@@ -12,11 +12,19 @@ the diffusion model sees ``z * scale_factor``, latents of unit variance like the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
+from safetensors.torch import save
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import __version__
+from .checkpoint import (AUTOENCODER, AUTOENCODER_WEIGHTS, CONFIG, CheckpointError, atomic_write_all, autoencoder_record,
+                         clean_state_dict, load_state, read_verified)
+from .data import to_model
 from .unet import ResBlock, _norm
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -33,6 +41,7 @@ class AutoencoderConfig:
     latent_channels: int = 4
     kl_weight: float = 1e-4  # weight of the KL term against the per-pixel reconstruction loss
     reconstruction: str = "l1"
+    feature_weight: float = 0.0  # weight of a feature loss in the course classifier's feature space (0: none)
     scale_factor: float | None = None  # 1 / std of the training latents, set by measure_scale_factor
 
     def __post_init__(self):
@@ -42,8 +51,11 @@ class AutoencoderConfig:
         if not self.channel_mults or self.base_channels < 4 or self.latent_channels < 1 or self.num_res_blocks < 1:
             raise ValueError("need at least one level, base_channels >= 4, latent_channels >= 1 and num_res_blocks >= 1, "
                              f"got {self.channel_mults}, {self.base_channels}, {self.latent_channels}, {self.num_res_blocks}")
-        if self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        for name in ("kl_weight", "feature_weight"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.scale_factor is not None and not 0 < self.scale_factor < float("inf"):
+            raise ValueError(f"scale_factor must be a finite number > 0 (1 / std of the latents), got {self.scale_factor}")
 
     @property
     def downsampling(self) -> int:
@@ -77,7 +89,8 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014, eq. 10)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        device = generator.device if generator is not None else self.mean.device  # a CPU generator serves any device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype).to(self.mean.device)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -126,7 +139,7 @@ class Autoencoder(nn.Module):
             raise ValueError(f"expected images of shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         for side in x.shape[-2:]:
             cfg.latent_shape(side)  # a clear error for a side the levels cannot halve
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        mean, logvar = self.encoder(x).float().chunk(2, dim=1)  # fp32 under autocast: exp(logvar) and the KL need it
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -139,14 +152,41 @@ class Autoencoder(nn.Module):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
 
+    def _scale(self) -> float:
+        if self.config.scale_factor is None:
+            raise ValueError("this autoencoder has no scale_factor yet: measure it with measure_scale_factor(model, "
+                             "training_images) after training (the trainer does this at every checkpoint)")
+        return self.config.scale_factor
 
-def autoencoder_loss(model: Autoencoder, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (mean per pixel, L1 or L2) + kl_weight * KL (per image, divided by its pixels); also both parts."""
+    def to_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """What the diffusion model sees of an image: the posterior's mean times scale_factor (unit variance)."""
+        return self.encode(x).mode() * self._scale()
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The image of a diffusion-scale latent: decode(z / scale_factor)."""
+        return self.decode(z / self._scale())
+
+
+def autoencoder_loss(model: Autoencoder, x: torch.Tensor, generator: torch.Generator | None = None,
+                     features: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """Reconstruction (mean per pixel, L1 or L2) + kl_weight * KL (per image, divided by its pixels)
+    + feature_weight * the mean squared distance of ``features(x_hat)`` from ``features(x)``; also each part.
+
+    ``features``: a frozen feature network (the course classifier's ``features``), needed when feature_weight > 0.
+    The feature term is the perceptual loss of Stable Diffusion's autoencoders (Rombach et al. 2022, app. G), here in
+    the space the course's FID is measured in."""
+    cfg = model.config
     x_hat, posterior = model(x, generator)
     error = x_hat - x
-    reconstruction = error.abs().mean() if model.config.reconstruction == "l1" else error.square().mean()
+    reconstruction = error.abs().mean() if cfg.reconstruction == "l1" else error.square().mean()
     kl = posterior.kl().mean() / x[0].numel()
-    return reconstruction + model.config.kl_weight * kl, {"reconstruction": reconstruction.item(), "kl": kl.item()}
+    loss, parts = reconstruction + cfg.kl_weight * kl, {"reconstruction": reconstruction.item(), "kl": kl.item()}
+    if cfg.feature_weight > 0:
+        if features is None:
+            raise ValueError("feature_weight > 0 needs the feature network: pass features=classifier.features")
+        feature = (features(x_hat.float()) - features(x.float()).detach()).square().mean()
+        loss, parts["feature"] = loss + cfg.feature_weight * feature, feature.item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -157,3 +197,41 @@ def measure_scale_factor(model: Autoencoder, images: torch.Tensor, batch_size: i
     latents = torch.cat([model.encode(x).sample(generator) for x in images.split(batch_size)])
     model.config.scale_factor = 1.0 / latents.std().item()
     return model.config.scale_factor
+
+
+@torch.no_grad()
+def encode_images(model: Autoencoder, images: torch.Tensor, batch_size: int = 500, progress: bool = False) -> torch.Tensor:
+    """The diffusion-scale latents (:meth:`Autoencoder.to_latent`) of uint8 images (N, C, H, W), in batches."""
+    device = next(model.parameters()).device
+    batches = tqdm(images.split(batch_size), desc="encoding", unit="batch", disable=not progress)
+    return torch.cat([model.to_latent(to_model(x.to(device))) for x in batches])
+
+
+# -----------------------------------------------------------------------------------------------
+# persistence: autoencoder.safetensors + the "autoencoder" section of config.json
+# -----------------------------------------------------------------------------------------------
+def save_autoencoder(model: Autoencoder, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write ``path/autoencoder.safetensors`` and ``path/config.json`` (config, scale factor, sha256), atomically."""
+    path = Path(path)
+    weights = save(clean_state_dict(model.state_dict()))
+    config = {AUTOENCODER: autoencoder_record(model, weights), "lessons_lib_version": __version__, **(metadata or {})}
+    atomic_write_all({path / AUTOENCODER_WEIGHTS: weights, path / CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+    return path
+
+
+def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> Autoencoder:
+    """The autoencoder saved in ``path`` (by :func:`save_autoencoder`, or beside a latent diffusion model), in eval mode."""
+    config, state = read_verified(path, AUTOENCODER_WEIGHTS)
+    section = config[AUTOENCODER].get("config")
+    source = Path(path) / CONFIG
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{source}: the 'autoencoder' section has no 'config'")
+    known = {f.name for f in fields(AutoencoderConfig)}
+    if set(section) - known:
+        raise CheckpointError(f"{source}: unknown autoencoder fields {sorted(set(section) - known)}; allowed: {', '.join(sorted(known))}")
+    try:
+        model = Autoencoder(AutoencoderConfig(**section))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: invalid autoencoder config ({err})") from err
+    load_state(model, state)
+    return model.to(device).eval()

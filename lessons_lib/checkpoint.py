@@ -25,6 +25,7 @@ from .schedules import NoiseSchedule, schedule_record
 from .unet import UNet, UNetConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+AUTOENCODER_WEIGHTS, AUTOENCODER = "autoencoder.safetensors", "autoencoder"  # a latent model's decoder: file, config section
 _PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
 
 
@@ -106,8 +107,12 @@ def writable_folder(path: str | Path, what: str = "folder") -> Path:
     return path
 
 
-def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``path/model.safetensors`` and ``path/config.json`` (architecture, metadata, sha256 of the weights)."""
+def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None, autoencoder: torch.nn.Module | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (architecture, metadata, sha256 of the weights).
+
+    With ``autoencoder`` (a latent diffusion model), its weights go beside the network's in the same folder
+    (``autoencoder.safetensors``) and its config and sha256 into the ``autoencoder`` section of the same config.json:
+    one folder, one config, written together."""
     path = Path(path)
     weights = save(clean_state_dict(model.state_dict()))  # the safetensors file's bytes
     config = {
@@ -116,8 +121,18 @@ def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None)
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         **(metadata or {}),
     }
-    atomic_write_all({path / WEIGHTS: weights, path / CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+    files = {path / WEIGHTS: weights}
+    if autoencoder is not None:
+        files[path / AUTOENCODER_WEIGHTS] = ae_weights = save(clean_state_dict(autoencoder.state_dict()))
+        config[AUTOENCODER] = autoencoder_record(autoencoder, ae_weights)
+    files[path / CONFIG] = (json.dumps(config, indent=2) + "\n").encode()
+    atomic_write_all(files)
     return path
+
+
+def autoencoder_record(autoencoder: torch.nn.Module, weights: bytes) -> dict:
+    """The ``autoencoder`` section of a config.json: its config (scale factor included) and its weights' sha256."""
+    return {"config": autoencoder.config.to_dict(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
 
 
 def read_config(path: str | Path) -> dict:
@@ -142,16 +157,18 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def read_verified(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors of a saved folder, after checking the weights' sha256 against the config."""
+def read_verified(path: str | Path, weights_name: str = WEIGHTS) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and tensors of a saved folder, after checking the weights' sha256 against the config
+    (``weights_name``: the network's file, or :data:`AUTOENCODER_WEIGHTS` checked against the ``autoencoder`` section)."""
     path = Path(path)
     config = read_config(path)
-    weights = path / WEIGHTS
+    weights = path / weights_name
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found")
-    expected = config.get("weights_sha256")
+    section = config.get(AUTOENCODER, {}) if weights_name == AUTOENCODER_WEIGHTS else config
+    expected = section.get("weights_sha256") if isinstance(section, dict) else None
     if not expected:
-        raise CheckpointError(f"{path / CONFIG} has no weights_sha256: cannot verify {weights}")
+        raise CheckpointError(f"{path / CONFIG} has no weights_sha256 for {weights_name}: cannot verify {weights}")
     actual = sha256_file(weights)
     if actual != expected:
         raise CheckpointError(f"{weights}: sha256 {actual[:12]}... does not match {expected[:12]}... in {CONFIG} "

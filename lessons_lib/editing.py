@@ -90,6 +90,15 @@ def check_mask(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return mask.to(device=image.device, dtype=torch.bool)
 
 
+def downsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A (B, C, H, W) bool pixel mask on a grid ``factor`` times coarser, (B, 1, H / factor, W / factor): a cell is
+    repainted (True) when any of its factor x factor pixels is, in any channel. Inpainting in an autoencoder's latent
+    space works on this grid, so the repainted region grows to whole cells."""
+    if mask.ndim != 4 or mask.shape[-1] % factor or mask.shape[-2] % factor:
+        raise ValueError(f"need a (B, C, H, W) mask with H and W divisible by {factor}, got {tuple(mask.shape)}")
+    return torch.nn.functional.max_pool2d(mask.float().amax(dim=1, keepdim=True), factor).bool()
+
+
 # Samplers whose step i depends only on (model output, i, x): RePaint may run a step again. The others keep
 # a history (dpmpp_2m, pndm, plms) or a stage (heun) between steps.
 RESAMPLING_SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral")

@@ -5,6 +5,10 @@ type from ``config.json``. ``generate(GenerationConfig(...))`` draws images with
 guidance toward a class and away from a negative class, image-to-image and inpainting
 (:mod:`lessons_lib.editing`); ``interpolate`` morphs between two seeds or two classes.
 
+A latent diffusion model's folder also holds its autoencoder: the pipeline samples latents, decodes them at the end,
+and encodes the input of image-to-image and inpainting first (the mask is taken to the latent grid: a latent cell is
+repainted when any of its pixels is, and the kept pixels are pasted back after decoding).
+
 Image ``i`` of a config with ``seed=s`` is drawn from its own generator seeded ``s + i`` (for x_T and
 every later noise draw), so it is the same image whatever the batch size, and whatever other configs
 ``generate_batch`` samples beside it.
@@ -20,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_pretrained, pipeline_record, save_pretrained
+from .autoencoder import Autoencoder, load_autoencoder
+from .checkpoint import AUTOENCODER, CheckpointError, load_pretrained, pipeline_record, save_pretrained
 from .data import FASHION_MNIST_CLASSES, to_model, to_uint8
 from .device import get_device, randn, sample_generators
-from .editing import Inpainter, embedding_model, img2img_steps, noise_to, slerp
+from .editing import Inpainter, check_mask, downsample_mask, embedding_model, img2img_steps, noise_to, slerp
 from .noising import PREDICTION_TYPES
 from .samplers import SAMPLERS, SPACINGS, get_sampler, make_timesteps, sample
 from .schedules import NoiseSchedule, get_schedule, schedule_from_record
@@ -150,16 +155,19 @@ class DiffusionPipeline:
     prediction: str = "eps"
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
     metadata: dict | None = None
-    image_size: int = 28
+    image_size: int = 28  # of the images (a latent model's latents are smaller)
+    autoencoder: Autoencoder | None = None  # latent diffusion: the model samples its latents, decoded at the end
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> DiffusionPipeline:
         """The pipeline saved in ``path``: network, schedule, prediction type, image size and class names.
 
         Folders from before the ``pipeline`` section (which the trainer and :meth:`save_pretrained` write) are
-        read from their ``train`` section: Fashion-MNIST sizes and names.
+        read from their ``train`` section: Fashion-MNIST sizes and names. A folder with an ``autoencoder`` section
+        (latent diffusion) loads its autoencoder too.
         """
-        model, config = load_pretrained(path, device=get_device(device))
+        device = get_device(device)
+        model, config = load_pretrained(path, device=device)
         file = Path(path) / "config.json"
         if "pipeline" not in config and "train" not in config:
             raise CheckpointError(f"{file} has no 'pipeline' section (nor a trainer's 'train' "
@@ -180,13 +188,18 @@ class DiffusionPipeline:
             raise CheckpointError(f"{file}: the '{section}' section is not valid: {err}") from None
         if prediction not in PREDICTION_TYPES:
             raise CheckpointError(f"{file}: unknown prediction {prediction!r}; allowed: {', '.join(PREDICTION_TYPES)}")
-        return cls(model, schedule, prediction, classes, config, image_size)
+        autoencoder = load_autoencoder(path, device) if AUTOENCODER in config else None
+        if autoencoder is not None and autoencoder.config.latent_channels != model.config.in_channels:
+            raise CheckpointError(f"{file}: the autoencoder's latents have {autoencoder.config.latent_channels} channels "
+                                  f"but the network takes {model.config.in_channels}")
+        return cls(model, schedule, prediction, classes, config, image_size, autoencoder)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Weights + config.json with everything :meth:`from_pretrained` needs, and this pipeline's other metadata."""
-        kept = {k: v for k, v in (self.metadata or {}).items() if k not in ("model", "weights_sha256", "lessons_lib_version")}
+        kept = {k: v for k, v in (self.metadata or {}).items()
+                if k not in ("model", "weights_sha256", "lessons_lib_version", AUTOENCODER)}
         record = pipeline_record(self.schedule, self.prediction, self.image_size, self.classes)
-        return save_pretrained(self.model, path, metadata={**kept, "pipeline": record})
+        return save_pretrained(self.model, path, metadata={**kept, "pipeline": record}, autoencoder=self.autoencoder)
 
     @property
     def device(self) -> torch.device:
@@ -194,10 +207,21 @@ class DiffusionPipeline:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.model.config.in_channels, self.image_size, self.image_size
+        """(C, H, W) of the images it makes and edits."""
+        channels = self.model.config.in_channels if self.autoencoder is None else self.autoencoder.config.in_channels
+        return channels, self.image_size, self.image_size
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the network denoises: the images, or a latent model's latents."""
+        if self.autoencoder is None:
+            return self.image_shape
+        return self.autoencoder.config.latent_shape(self.image_size)
 
     def to(self, device: str | torch.device) -> DiffusionPipeline:
         self.model.to(get_device(device))
+        if self.autoencoder is not None:
+            self.autoencoder.to(get_device(device))
         return self
 
     # -----------------------------------------------------------------------------------------------
@@ -273,7 +297,7 @@ class DiffusionPipeline:
             self.to(first.device)
         generators = [g for c in configs for g in sample_generators(c.seed, c.num_images)]
         labels, null_labels = self._labels(configs)
-        eps = randn((len(generators), *self.image_shape), generator=generators, device=self.device)
+        eps = randn((len(generators), *self.sample_shape), generator=generators, device=self.device)
         x0 = None
         if first.init_image is not None:
             x0 = first.init_image.to(self.device).expand(first.num_images, *self.image_shape)
@@ -301,12 +325,19 @@ class DiffusionPipeline:
         """Run ``c``'s sampler from the noise ``eps``, or from ``x0`` noised for image-to-image / inpainting.
 
         Returns the images (on the CPU), the steps run, the number of network calls and the seconds taken.
+        A latent model encodes ``x0`` and takes the mask to the latent grid first, and decodes at the end.
         """
         start = time.perf_counter()
         timesteps = make_timesteps(self.schedule.num_steps, c.steps, c.spacing, self.schedule.alpha_bar)
         run = img2img_steps(len(timesteps), c.strength) if x0 is not None else len(timesteps)
         if run == 0:
             return x0.cpu().clone(), 0, 0, time.perf_counter() - start
+        ae, image, mask = self.autoencoder, x0, c.mask
+        if ae is not None and x0 is not None:
+            with torch.no_grad():
+                x0 = ae.to_latent(image)
+            if mask is not None:
+                mask = downsample_mask(check_mask(mask, image).expand(image.shape), ae.config.downsampling)
         options = {**c.sampler_options, **({"eta": c.eta} if c.eta is not None else {})}
         if run < len(timesteps):
             options["timesteps"] = timesteps[-run:]  # SDEdit: the last `run` steps, from x0 noised to their start
@@ -314,7 +345,7 @@ class DiffusionPipeline:
         x_T = eps if run == len(timesteps) else noise_to(x0, sampler.alpha_bars(0)[0], eps)
         on_step = None
         if c.mask is not None:
-            on_step = Inpainter(model or self.model, sampler, x0, c.mask, generators, labels, c.guidance_scale,
+            on_step = Inpainter(model or self.model, sampler, x0, mask, generators, labels, c.guidance_scale,
                                 null_labels, c.jump_length, c.resample)
         calls = []
         hook = self.model.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -323,7 +354,13 @@ class DiffusionPipeline:
                          null_label=null_labels, on_step=on_step)
         finally:
             hook.remove()
-        return out.images.cpu(), run, len(calls), time.perf_counter() - start
+        images = out.images
+        if ae is not None:
+            with torch.no_grad():
+                images = ae.from_latent(images).clamp(-1, 1)
+            if c.mask is not None:
+                images = torch.where(check_mask(c.mask, image), images, image)  # the kept pixels exactly, not re-decoded
+        return images.cpu(), run, len(calls), time.perf_counter() - start
 
     def interpolate(self, config: GenerationConfig, frames: int, to_seed: int | None = None,
                     to_class: str | int | None = None, progress: bool = True) -> GenerationResult:
@@ -349,11 +386,11 @@ class DiffusionPipeline:
         c = self.resolve(replace(config, num_images=frames))
         weights = torch.linspace(0, 1, frames, dtype=torch.float64)
         generators = sample_generators([c.seed] * frames, frames)
-        x_a = randn((frames, *self.image_shape), generator=generators, device=self.device)  # the same noise in every row
+        x_a = randn((frames, *self.sample_shape), generator=generators, device=self.device)  # the same noise in every row
         labels, null_labels = self._labels([c])
         model = None
         if to_seed is not None:
-            x_b = randn((1, *self.image_shape), seed=to_seed, device=self.device)[0]
+            x_b = randn((1, *self.sample_shape), seed=to_seed, device=self.device)[0]
             x_T = slerp(x_a[0], x_b, weights)
         else:
             table = self.model.class_emb.weight.detach()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from .autoencoder import Autoencoder, encode_images, load_autoencoder
 from .checkpoint import CheckpointError, atomic_write, load_state, pipeline_record, save_pretrained, writable_folder
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
@@ -104,6 +105,7 @@ class TrainConfig:
     sample_every: int | None = None  # write a grid of EMA samples every N steps (and at the end)
     snapshot_every: int | None = None  # keep the EMA model folder of every N-th step in snapshots/step_XXXXXXX/
     init_from: str | None = None  # a model folder whose weights a new run starts from (e.g. a model whose run is lost)
+    autoencoder: str | None = None  # an autoencoder folder: diffuse its latents (latent diffusion); None: pixels
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -461,7 +463,7 @@ def ema_with_warmup(decay: float):
 # would keep training the old weights on another problem. The rest applies from the resumed step on.
 FIXED_ON_RESUME = ("model", "schedule", "num_steps", "zero_terminal_snr", "prediction", "loss", "weighting",
                    "min_snr_gamma", "timesteps", "logsnr_mean", "logsnr_std", "batch_size", "class_dropout", "seed",
-                   "lr_schedule", "warmup_steps", "ema_sigma_rel", "init_from")
+                   "lr_schedule", "warmup_steps", "ema_sigma_rel", "init_from", "autoencoder")
 APPLIED_ON_RESUME = ("lr", "weight_decay", "grad_clip", "ema_decay", "max_steps", "epochs", "minutes", "device", "amp",
                      "compile", "channels_last", "out_dir", "checkpoint_every", "log_every", "sample_every", "snapshot_every")
 
@@ -559,17 +561,19 @@ def plot_loss(history: list[tuple[int, float]], title: str = "Training loss"):
 
 @torch.no_grad()
 def sample_grid(model: UNet, cfg: TrainConfig, image_size: int = 28, columns: int = GRID_COLUMNS, steps: int = GRID_STEPS,
-                seed: int | None = None) -> torch.Tensor:
+                seed: int | None = None, autoencoder: Autoencoder | None = None) -> torch.Tensor:
     """The fixed grid drawn during training: one row per class x ``columns`` (unconditional: ``columns`` x ``columns``).
 
     Image i starts from the noise of seed ``seed + i`` (default ``cfg.seed``); a class-conditional grid repeats
     the first row's noises in every row, so rows differ only by their class. DDIM is deterministic, so a run's
     grids differ only by the weights, and the noise comes from its own seeded generators: the training
-    randomness is untouched. Returns images (rows * columns, C, H, W) in [-1, 1], row by row.
+    randomness is untouched. Returns images (rows * columns, C, H, W) in [-1, 1], row by row; a latent model's
+    latents decoded by its ``autoencoder``.
     """
     device = next(model.parameters()).device
     rows, conditional = cfg.model.num_classes or columns, cfg.model.num_classes is not None
-    x_T = randn((columns if conditional else rows * columns, cfg.model.in_channels, image_size, image_size),
+    side = image_size if autoencoder is None else autoencoder.config.latent_shape(image_size)[-1]
+    x_T = randn((columns if conditional else rows * columns, cfg.model.in_channels, side, side),
                 seed=cfg.seed if seed is None else seed, device=device)
     x_T = x_T.repeat(rows, 1, 1, 1) if conditional else x_T
     labels = torch.arange(rows, device=device).repeat_interleave(columns) if conditional else None
@@ -578,18 +582,19 @@ def sample_grid(model: UNet, cfg: TrainConfig, image_size: int = 28, columns: in
     was_training = model.training
     model.eval()
     try:
-        return sample(model, x_T, sampler, labels, progress=False).images
+        images = sample(model, x_T, sampler, labels, progress=False).images
+        return images if autoencoder is None else autoencoder.from_latent(images.to(device)).clamp(-1, 1)
     finally:
         model.train(was_training)
 
 
 def save_sample_grid(model: UNet, cfg: TrainConfig, out_dir: Path, step: int, image_size: int,
-                     classes: tuple[str, ...] = ()) -> Path:
+                     classes: tuple[str, ...] = (), autoencoder: Autoencoder | None = None) -> Path:
     """Atomically write :func:`sample_grid` of ``model`` to ``out_dir/samples/step_XXXXXXX.png``, rows labelled by class."""
     from .viz import show_grid  # matplotlib is loaded only when a grid is drawn
 
     steps = min(GRID_STEPS, cfg.num_steps)
-    images = sample_grid(model, cfg, image_size, GRID_COLUMNS, steps)
+    images = sample_grid(model, cfg, image_size, GRID_COLUMNS, steps, autoencoder=autoencoder)
     conditional = cfg.model.num_classes is not None
     fig = show_grid(images.cpu(), nrow=GRID_COLUMNS, title=f"EMA samples at step {step} (DDIM {steps} steps)",
                     row_labels=list(classes) if conditional and len(classes) == cfg.model.num_classes else None,
@@ -613,6 +618,9 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     Writes ``resume.pt``, ``loss.csv`` and the EMA weights as ``model.safetensors`` + ``config.json`` every
     ``checkpoint_every`` steps, on Ctrl-C and at the end, and with ``sample_every`` a grid of
     EMA samples (:func:`save_sample_grid`) every that many steps and at the end. Only process 0 writes.
+
+    With ``cfg.autoencoder`` the network learns the autoencoder's latents of the images (each image's posterior mean
+    times the scale factor, encoded once at the start) and the model folder holds the autoencoder beside it.
     """
     dist = _setup_distributed(cfg)
     out_dir = writable_folder(cfg.out_dir, "out_dir")
@@ -622,6 +630,14 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)} images)")
     schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
     images, labels = dataset.images.to(dist.device), dataset.labels.to(dist.device)  # uint8: 47 MB for Fashion-MNIST
+    image_size, autoencoder = images.shape[-1], None
+    if cfg.autoencoder:
+        autoencoder = load_autoencoder(cfg.autoencoder, dist.device)
+        latent_channels = autoencoder.config.latent_channels
+        if cfg.model.in_channels != latent_channels:
+            raise ValueError(f"the autoencoder {cfg.autoencoder} gives latents of {latent_channels} channels: set the "
+                             f"network's in_channels to {latent_channels} (got {cfg.model.in_channels})")
+        images = encode_images(autoencoder, images, progress=progress and dist.main)  # float latents, unit variance
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = UNet(cfg.model).to(dist.device)
@@ -674,10 +690,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         print(f"training {count_parameters(model) / 1e6:.2f}M parameters on {dist.device} x{dist.world}, "
               f"batch {cfg.batch_size}, from step {step} to {end}")
 
-    record = pipeline_record(schedule, cfg.prediction, images.shape[-1], dataset.classes)
+    record = pipeline_record(schedule, cfg.prediction, image_size, dataset.classes)
 
     def save_ema(path: Path):
-        save_pretrained(ema.module, path, metadata={"pipeline": record, "train": cfg.to_dict(), "step": step, "weights": "ema"})
+        save_pretrained(ema.module, path, metadata={"pipeline": record, "train": cfg.to_dict(), "step": step, "weights": "ema"},
+                        autoencoder=autoencoder)
 
     def write_checkpoint():
         """resume.pt, loss.csv and the EMA model folder that ``sample`` loads: a run stopped any way leaves both."""
@@ -703,7 +720,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
                     print(f"planned {total} steps for the {cfg.minutes:g}-minute budget")
             idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step)[shard].to(dist.device)
             t, eps, drop = (v[shard] for v in step_noise(cfg, step, (cfg.batch_size, *images.shape[1:]), schedule))
-            x0 = to_model(images[idx])
+            x0 = to_model(images[idx]) if autoencoder is None else images[idx]
             y = torch.where(drop.to(dist.device), cfg.model.num_classes, labels[idx]) if conditional else None
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -734,7 +751,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
             if dist.main and cfg.snapshot_every and step % cfg.snapshot_every == 0:
                 save_ema(out_dir / SNAPSHOTS_DIR / f"step_{step:07d}")
             if dist.main and cfg.sample_every and step % cfg.sample_every == 0:
-                samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))
+                samples.append(save_sample_grid(ema.module, cfg, out_dir, step, image_size, dataset.classes, autoencoder))
     except KeyboardInterrupt:
         interrupted = True
         if dist.main:
@@ -744,5 +761,5 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     if dist.main:
         write_checkpoint()
         if cfg.sample_every and step and not interrupted and _grid_path(out_dir, step) not in samples:
-            samples.append(save_sample_grid(ema.module, cfg, out_dir, step, images.shape[-1], dataset.classes))  # the end
+            samples.append(save_sample_grid(ema.module, cfg, out_dir, step, image_size, dataset.classes, autoencoder))  # the end
     return TrainResult(model.eval(), ema.module.eval(), step, history, out_dir, interrupted, samples)  # ready to sample

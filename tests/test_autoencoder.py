@@ -45,8 +45,12 @@ def test_latent_and_reconstruction_shapes(mults, latent):
 def test_bad_configs_and_inputs_are_refused():
     with pytest.raises(ValueError, match="allowed: l1, l2"):
         AutoencoderConfig(reconstruction="l3")
-    with pytest.raises(ValueError, match="kl_weight must be >= 0"):
+    with pytest.raises(ValueError, match="kl_weight must be a finite number >= 0"):
         AutoencoderConfig(kl_weight=-1)
+    with pytest.raises(ValueError, match="scale_factor must be a finite number > 0"):
+        AutoencoderConfig(scale_factor=0.0)
+    with pytest.raises(ValueError, match="no scale_factor yet"):
+        Autoencoder(**TINY).to_latent(torch.zeros(1, 1, 28, 28))
     with pytest.raises(ValueError, match="not divisible by f = 8"):
         Autoencoder(channel_mults=(1, 2, 2, 2), **TINY).encode(torch.zeros(1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"expected latents of shape \(B, 2, h, w\)"):
