@@ -22,8 +22,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (AUTOENCODER, AUTOENCODER_WEIGHTS, CONFIG, CheckpointError, atomic_write_all, autoencoder_record,
-                         clean_state_dict, load_state, read_verified)
+from .checkpoint import (
+    AUTOENCODER,
+    AUTOENCODER_WEIGHTS,
+    CONFIG,
+    CheckpointError,
+    atomic_write_all,
+    autoencoder_record,
+    clean_state_dict,
+    load_state,
+    read_verified,
+)
 from .data import to_model
 from .unet import ResBlock, _norm
 
@@ -228,7 +237,8 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> Au
         raise CheckpointError(f"{source}: the 'autoencoder' section has no 'config'")
     known = {f.name for f in fields(AutoencoderConfig)}
     if set(section) - known:
-        raise CheckpointError(f"{source}: unknown autoencoder fields {sorted(set(section) - known)}; allowed: {', '.join(sorted(known))}")
+        raise CheckpointError(f"{source}: unknown autoencoder fields {sorted(set(section) - known)}; "
+                              f"allowed: {', '.join(sorted(known))}")
     try:
         model = Autoencoder(AutoencoderConfig(**section))
     except (TypeError, ValueError) as err:

@@ -24,8 +24,18 @@ from .autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, measu
 from .checkpoint import CheckpointError, atomic_write, load_state, writable_folder
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
-from .train import (AMP_MODES, LOSS_CSV, LR_SCHEDULES, RESUME, TrainingDivergedError, _amp_dtype, _step_generator,
-                    batch_indices, lr_factor, save_loss_csv)
+from .train import (
+    AMP_MODES,
+    LOSS_CSV,
+    LR_SCHEDULES,
+    RESUME,
+    TrainingDivergedError,
+    _amp_dtype,
+    _step_generator,
+    batch_indices,
+    lr_factor,
+    save_loss_csv,
+)
 from .unet import count_parameters
 
 # What a resumed run may not change: the network and what it learns from; everything else applies from the resumed step.
@@ -59,7 +69,8 @@ class AutoencoderTrainConfig:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
         if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError(f"give exactly one of max_steps and epochs (the run's length), got {self.max_steps} and {self.epochs}")
+            raise ValueError(f"give exactly one of max_steps and epochs (the run's length), "
+                             f"got {self.max_steps} and {self.epochs}")
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
@@ -111,7 +122,8 @@ def resume_changes(saved: AutoencoderTrainConfig, cfg: AutoencoderTrainConfig) -
         lines = "; ".join(f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in fixed)
         raise ValueError(f"cannot resume {cfg.out_dir} with a changed {', '.join(fixed)}: {lines}. Use the checkpoint's "
                          "values, or start a new run (another out_dir, or resume=False)")
-    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if k not in FIXED_ON_RESUME + ("device", "out_dir") and old[k] != new[k]]
+    applied = [k for k in old if k not in (*FIXED_ON_RESUME, "device", "out_dir")]
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in applied if old[k] != new[k]]
 
 
 def _load_resume(path: Path) -> dict:
@@ -179,8 +191,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, dataset: ImageDataset | None 
         save_loss_csv(out_dir / LOSS_CSV, history)
         save_autoencoder(model, out_dir, metadata={"train_autoencoder": cfg.to_dict(), "step": step})
 
-    print(f"training a {count_parameters(model) / 1e6:.2f}M-parameter autoencoder (latent {cfg.model.latent_shape(images.shape[-1])}) "
-          f"on {device}, batch {cfg.batch_size}, from step {step} to {total}")
+    print(f"training a {count_parameters(model) / 1e6:.2f}M-parameter autoencoder (latent "
+          f"{cfg.model.latent_shape(images.shape[-1])}) on {device}, batch {cfg.batch_size}, from step {step} to {total}")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="autoencoder", unit="step")
     start, seen, interrupted = time.perf_counter(), 0, False
     model.train()
@@ -202,7 +214,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, dataset: ImageDataset | None 
             seen += cfg.batch_size
             if step % cfg.log_every == 0 or step == total:
                 history.append((step, loss.item()))
-                bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()} | {"img_s": f"{seen / (time.perf_counter() - start):.0f}"})
+                speed = f"{seen / (time.perf_counter() - start):.0f}"
+                bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()} | {"img_s": speed})
             bar.update(1)
             if step % cfg.checkpoint_every == 0:
                 write_checkpoint()

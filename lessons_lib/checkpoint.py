@@ -107,7 +107,8 @@ def writable_folder(path: str | Path, what: str = "folder") -> Path:
     return path
 
 
-def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None, autoencoder: torch.nn.Module | None = None) -> Path:
+def save_pretrained(model: UNet, path: str | Path, metadata: dict | None = None,
+                    autoencoder: torch.nn.Module | None = None) -> Path:
     """Write ``path/model.safetensors`` and ``path/config.json`` (architecture, metadata, sha256 of the weights).
 
     With ``autoencoder`` (a latent diffusion model), its weights go beside the network's in the same folder
