@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRETRAINED_DIR, REPO_ROOT
+from .config import BUILD_DIR, PRETRAINED_DIR, PRETRAINED_MODEL, REPO_ROOT
 
 
 def _doctor(args) -> int:
@@ -147,9 +147,32 @@ def _train(args) -> int:
         overrides["channels_last"] = True
     if args.max_steps is not None or args.epochs is not None:
         overrides.setdefault("minutes", None)  # an explicit length replaces the preset's time budget
+    if args.autoencoder:
+        from dataclasses import replace
+
+        from .autoencoder import load_autoencoder
+
+        channels = load_autoencoder(args.autoencoder).config.latent_channels  # the network takes the latents
+        overrides.update(autoencoder=args.autoencoder, model=replace(preset(args.preset).model, in_channels=channels))
     result = train(preset(args.preset, **overrides), resume=not args.no_resume, progress=not args.no_progress)
     if result.step and result.history:
         print(f"step {result.step}: loss {result.history[-1][1]:.4f}; EMA weights in {result.out_dir}")
+    return 130 if result.interrupted else 0
+
+
+def _autoencoder(args) -> int:
+    from .autoencoder import AutoencoderConfig
+    from .autoencoder_train import AutoencoderTrainConfig, train_autoencoder
+
+    levels = {1: (1,), 2: (1, 2), 4: (1, 2, 2)}[args.downsampling]
+    model = AutoencoderConfig(base_channels=args.base_channels, channel_mults=levels, latent_channels=args.latent_channels,
+                              kl_weight=args.kl_weight, reconstruction=args.reconstruction, feature_weight=args.feature_weight)
+    length = {"epochs": args.epochs} if args.max_steps is None else {"max_steps": args.max_steps}
+    cfg = AutoencoderTrainConfig(model=model, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+                                 out_dir=args.out_dir, **length)
+    result = train_autoencoder(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    print(f"step {result.step}: loss {result.history[-1][1]:.4f}, scale_factor {result.model.config.scale_factor:.4f}; "
+          f"autoencoder in {result.out_dir} (train a latent model on it: train --autoencoder {result.out_dir})")
     return 130 if result.interrupted else 0
 
 
@@ -388,9 +411,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--init-from", metavar="FOLDER",
                    help="start a new run from the weights of this model folder (same network, prediction, schedule)")
+    p.add_argument("--autoencoder", metavar="FOLDER",
+                   help="latent diffusion: learn this autoencoder's latents (the network takes its latent channels)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("autoencoder", help="train (or resume) the KL autoencoder of latent diffusion")
+    p.add_argument("--out-dir", default=str(BUILD_DIR / "runs" / "autoencoder"),
+                   help="run folder: resume.pt, loss.csv and the autoencoder (autoencoder.safetensors + config.json)")
+    p.add_argument("--downsampling", type=int, choices=[1, 2, 4], default=4, help="f: 4 gives 7x7 latents, 2 gives 14x14")
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of KL(q(z|x) || N(0, I)) per pixel")
+    p.add_argument("--reconstruction", choices=["l1", "l2"], default="l1")
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="weight of a feature loss in the course classifier's feature space (0: none)")
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--max-steps", type=int, help="instead of --epochs")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to 0 after a 100-step warm-up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_autoencoder)
 
     p = sub.add_parser("sample", help="generate, edit or interpolate images with a saved model folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SAMPLE_EXAMPLES)
@@ -460,7 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_course)
 
     from .bench import EAGER
-    from .config import BUILD_DIR, PRETRAINED_MODEL
     from .export import FORMATS, PRECISIONS
 
     shipped = str(PRETRAINED_MODEL) if PRETRAINED_MODEL.is_dir() else None

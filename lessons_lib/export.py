@@ -5,7 +5,9 @@ Every artifact holds the same network signature, ``net(x, t, class_labels) -> pr
 ones are allowed) and ``class_labels`` int64 (B,) (ignored by an unconditional model), and a dynamic
 batch size. Next to each artifact ``A`` the exporter writes ``A.json`` (format, precision, alpha_bar,
 prediction type, image size, classes) and a copy of ``standalone_sampler.py``, which samples from it
-with only numpy and torch or onnxruntime.
+with only numpy and torch or onnxruntime. A latent diffusion model's network takes latents; its
+autoencoder's decoder is exported beside it as ONNX (``decoder_onnx_fp32.onnx``, ``decode(z)`` =
+``decoder(z / scale_factor)``), named in the sidecar, and the runner decodes with it.
 
 Formats (one function each):
 
@@ -51,6 +53,7 @@ FORMATS = tuple(SUFFIXES)  # torch_export, aoti, onnx, torchscript
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INPUT_NAMES, OUTPUT_NAMES = ("x", "t", "class_labels"), ("prediction",)
+DECODER_FILE = "decoder_onnx_fp32.onnx"  # a latent model's decoder, beside its network
 EXAMPLE_BATCH = 2  # traced at 2 (a batch of 1 would be specialised); every batch size >= 1 runs
 
 
@@ -180,7 +183,7 @@ def _signature(pipe: DiffusionPipeline, precision: str, device: torch.device,
     if "channels_last" in rewrites:
         net.unet.to(memory_format=torch.channels_last)
         net.channels_last = True
-    x = randn((EXAMPLE_BATCH, *pipe.image_shape), seed=0, device=device, dtype=DTYPES[precision])
+    x = randn((EXAMPLE_BATCH, *pipe.sample_shape), seed=0, device=device, dtype=DTYPES[precision])
     t = torch.tensor([pipe.schedule.num_steps - 1, 0], dtype=torch.float32, device=device)
     labels = torch.tensor([0, cfg.num_classes or 0], device=device)
     batch = torch.export.Dim("batch", min=1)
@@ -194,14 +197,46 @@ def _exported_program(pipe: DiffusionPipeline, precision: str, device: torch.dev
         return torch.export.export(net, example, dynamic_shapes=dynamic)
 
 
+class DecoderSignature(nn.Module):
+    """A latent model's decoder as exported: ``decode(z) = decoder(z / scale_factor)``, z the diffusion-scale latent."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.decoder, self.scale_factor = autoencoder.decoder, autoencoder.config.scale_factor
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z / self.scale_factor)
+
+
+def export_decoder(pipe: DiffusionPipeline, path: str | Path) -> Path:
+    """The autoencoder's decoder of a latent model as fp32 ONNX (runs on the CPU with onnxruntime, any batch size)."""
+    if pipe.autoencoder is None:
+        raise ValueError("this pipeline has no autoencoder: only a latent diffusion model has a decoder to export")
+    net = DecoderSignature(copy.deepcopy(pipe.autoencoder).float().cpu()).eval()
+    z = randn((EXAMPLE_BATCH, *pipe.sample_shape), seed=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*The axis name: batch will not be used")
+        program = torch.onnx.export(net, (z,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                    input_names=("z",), output_names=("image",), external_data=False, verbose=False)
+    return atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
+
+
 def _write_companions(path: Path, pipe: DiffusionPipeline, fmt: str, precision: str, device: torch.device) -> Path:
-    """The JSON sidecar ``path.json`` and a copy of ``standalone_sampler.py`` beside the artifact."""
+    """The JSON sidecar ``path.json`` and a copy of ``standalone_sampler.py`` beside the artifact (and a latent
+    model's decoder)."""
     cfg = pipe.model.config
+    decoder = None
+    if pipe.autoencoder is not None:
+        decoder = {"file": DECODER_FILE, "format": "onnx", "scale_factor": pipe.autoencoder.config.scale_factor,
+                   "signature": "decode(z (B, C, h, w) float32) -> images (B, C, H, W) float32"}
+        export_decoder(pipe, path.parent / DECODER_FILE)
     meta = {
         "format": fmt, "precision": precision, "device": device.type, "file": path.name,
         "x_dtype": str(DTYPES.get(precision, torch.float32)).removeprefix("torch."),
         "signature": "net(x (B, C, H, W) x_dtype, t float32 (B,), class_labels int64 (B,)) -> (B, C, H, W)",
-        "image_size": pipe.image_shape[-1], "in_channels": cfg.in_channels, "num_classes": cfg.num_classes,
+        "image_size": pipe.image_shape[-1], "sample_size": pipe.sample_shape[-1], "in_channels": cfg.in_channels,
+        "image_channels": pipe.image_shape[0], "num_classes": cfg.num_classes, "decoder": decoder,
+        "clip_x0": pipe.autoencoder is None,  # pixels live in [-1, 1], latents do not
         "prediction": pipe.prediction, "schedule": pipe.schedule.name,
         "alpha_bar": pipe.schedule.alpha_bar.tolist(),  # float64, exact through JSON
         "model": cfg.to_dict(), "torch_version": torch.__version__, "lessons_lib_version": __version__,
@@ -283,9 +318,11 @@ def calibration_inputs(pipe: DiffusionPipeline, n: int = 8, steps: int = 10, see
     cfg = pipe.model.config
     model = copy.deepcopy(pipe.model).float().cpu().eval()
     labels = torch.arange(n) % (cfg.num_classes + 1) if cfg.num_classes else torch.zeros(n, dtype=torch.long)
-    sampler = get_sampler("ddim", pipe.schedule, steps, spacing="trailing", prediction=pipe.prediction)
-    x_T = randn((n, *pipe.image_shape), seed=seed)
-    run = sample(model, x_T, sampler, labels if cfg.num_classes else None, progress=False, return_trajectory=True)
+    sampler = get_sampler("ddim", pipe.schedule, steps, spacing="trailing", prediction=pipe.prediction,
+                          clip_x0=pipe.autoencoder is None)
+    x_T = randn((n, *pipe.sample_shape), seed=seed)
+    run = sample(model, x_T, sampler, labels if cfg.num_classes else None, progress=False, return_trajectory=True,
+                 clip=pipe.autoencoder is None)
     return [{"x": x.numpy(), "t": np.full(n, t, dtype=np.float32), "class_labels": labels.numpy()}
             for x, t in zip(run.trajectory[:-1], sampler.timesteps.tolist(), strict=True)]
 

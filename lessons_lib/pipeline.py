@@ -339,6 +339,8 @@ class DiffusionPipeline:
             if mask is not None:
                 mask = downsample_mask(check_mask(mask, image).expand(image.shape), ae.config.downsampling)
         options = {**c.sampler_options, **({"eta": c.eta} if c.eta is not None else {})}
+        if ae is not None:
+            options.setdefault("clip_x0", False)  # latents are not confined to [-1, 1] as pixels are
         if run < len(timesteps):
             options["timesteps"] = timesteps[-run:]  # SDEdit: the last `run` steps, from x0 noised to their start
         sampler = get_sampler(c.sampler, self.schedule, c.steps, c.spacing, prediction=self.prediction, **options)
@@ -351,7 +353,7 @@ class DiffusionPipeline:
         hook = self.model.register_forward_pre_hook(lambda module, args: calls.append(1))
         try:
             out = sample(model or self.model, x_T, sampler, labels, c.guidance_scale, generators, progress,
-                         null_label=null_labels, on_step=on_step)
+                         null_label=null_labels, on_step=on_step, clip=ae is None)
         finally:
             hook.remove()
         images = out.images

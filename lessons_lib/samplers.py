@@ -485,7 +485,7 @@ def get_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = None
 
 @dataclass
 class SampleResult:
-    images: torch.Tensor  # (B, C, H, W) in [-1, 1] (clipped)
+    images: torch.Tensor  # (B, C, H, W) in [-1, 1] (clipped; unclipped with clip=False, e.g. latents)
     trajectory: list[torch.Tensor] | None = None  # x_t before each step, then the final image (on the CPU)
     x0_trajectory: list[torch.Tensor] | None = None  # the predicted x0 at each step
 
@@ -494,13 +494,15 @@ class SampleResult:
 def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: torch.Tensor | None = None,
            guidance_scale: float = 1.0, generator=None, progress: bool = True, return_trajectory: bool = False, *,
            null_label: int | torch.Tensor | None = None,
-           on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> SampleResult:
+           on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None, clip: bool = True) -> SampleResult:
     """Run ``sampler`` from the noise ``x_T`` with ``model(x, t, class_labels)``, one step per model evaluation.
 
     Classifier-free guidance (:func:`lessons_lib.guidance.guided_output`) with ``guidance_scale`` w != 1;
     ``null_label`` (default: the model's null class) may be a negative class, one int or one per sample.
     ``generator``: one CPU generator, or one per sample (seeded images stay the same whatever the batch).
     ``on_step(i, x)``: called with x after step i, returns the x to go on from (inpainting uses it).
+    ``clip``: clamp the result to [-1, 1], the range of images; latents have no such range (pass ``clip=False`` with a
+    sampler made with ``clip_x0=False``).
     """
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
@@ -518,4 +520,4 @@ def sample(model: Callable, x_T: torch.Tensor, sampler: Sampler, class_labels: t
         if return_trajectory:
             traj.append(x.cpu())
             x0_traj.append(step.x0.cpu())
-    return SampleResult(x.clamp(-1, 1), traj, x0_traj)
+    return SampleResult(x.clamp(-1, 1) if clip else x, traj, x0_traj)

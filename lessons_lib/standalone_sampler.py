@@ -10,7 +10,9 @@ It runs DDIM (Song et al. 2021, eq. 12, eta = 0) over "trailing" timesteps with 
 the same arithmetic as ``lessons_lib.samplers.DDIMSampler``, with optional classifier-free guidance
 (Ho & Salimans 2022, eq. 6). Starting noise: ``--noise x_T.npy`` (e.g. the library's seeded x_T, for
 identical images), else numpy's ``default_rng(seed + i)`` for image i (not the library's torch streams).
-The output is a float32 array (N, C, H, W) in [-1, 1].
+The output is a float32 array (N, C, H, W) in [-1, 1]. For a latent diffusion model the sidecar names the
+decoder exported beside the network (ONNX, run with onnxruntime): DDIM runs on latents, without clipping, and the
+decoder turns them into images.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ def trailing_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
 
 def ddim_sample(net, meta: dict, x_T: np.ndarray, labels: np.ndarray, steps: int = 20,
                 guidance_scale: float = 1.0) -> np.ndarray:
-    """Deterministic DDIM from ``x_T`` with ``net(x, t, y)`` (numpy), guided with scale w when w != 1."""
+    """Deterministic DDIM from ``x_T`` with ``net(x, t, y)`` (numpy), guided with scale w when w != 1.
+    Images (clipped to [-1, 1]), or a latent model's latents (not clipped: ``meta["clip_x0"]`` is false)."""
+    clip = meta.get("clip_x0", True)
     alpha_bar, null = np.asarray(meta["alpha_bar"], dtype=np.float64), meta["num_classes"]
     if null is not None and (labels.min() < 0 or labels.max() > null):
         raise ValueError(f"class labels must lie in [0, {null}] ({null} = null class), got [{labels.min()}, {labels.max()}]")
@@ -115,10 +119,23 @@ def ddim_sample(net, meta: dict, x_T: np.ndarray, labels: np.ndarray, steps: int
             x0 = (x - noise * out) / (signal + noise)  # the velocity u = eps - x0 (rectified flow)
         else:
             x0 = out
-        x0 = np.clip(x0, -1, 1)
-        eps = (x - signal * x0) / noise  # eps re-derived from the clipped x0
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+        eps = (x - signal * x0) / noise  # eps re-derived from x0 (the clipped one, if clipped)
         x = np.float32(np.sqrt(ab_prev)) * x0 + np.float32(np.sqrt(1 - ab_prev)) * eps  # eq. 12 with sigma = 0
-    return np.clip(x, -1, 1)
+    return np.clip(x, -1, 1) if clip else x
+
+
+def decode(artifact: str | Path, meta: dict, latents: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """A latent model's latents as images in [-1, 1], through the ONNX decoder named in the sidecar."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(Path(artifact).parent / meta["decoder"]["file"]), options,
+                                   providers=["CPUExecutionProvider"])
+    return np.clip(session.run(None, {"z": latents.astype(np.float32)})[0], -1, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +165,8 @@ def run(args, parser) -> int:
     suffix = SUFFIXES[meta["format"]]
     if Path(args.artifact).suffix != suffix:
         raise ValueError(f"{args.artifact}: its sidecar says {meta['format']}, whose files end in {suffix}")
-    shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
+    side = meta.get("sample_size", meta["image_size"])  # a latent model denoises latents smaller than its images
+    shape = (meta["in_channels"], side, side)
     if args.noise:
         x_T = np.load(args.noise)
         if x_T.shape[1:] != shape:
@@ -165,6 +183,8 @@ def run(args, parser) -> int:
         raise ValueError(f"{args.artifact} cannot be opened as {meta['format']} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
     images = ddim_sample(net, meta, x_T, labels, args.steps, args.guidance)
+    if meta.get("decoder"):
+        images = decode(args.artifact, meta, images, args.threads)
     np.save(args.out, images)
     print(f"wrote {len(images)} images {images.shape[1:]} to {args.out}")
     return 0

@@ -578,11 +578,12 @@ def sample_grid(model: UNet, cfg: TrainConfig, image_size: int = 28, columns: in
     x_T = x_T.repeat(rows, 1, 1, 1) if conditional else x_T
     labels = torch.arange(rows, device=device).repeat_interleave(columns) if conditional else None
     schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
-    sampler = get_sampler("ddim", schedule, min(steps, cfg.num_steps), spacing="trailing", prediction=cfg.prediction)
+    sampler = get_sampler("ddim", schedule, min(steps, cfg.num_steps), spacing="trailing", prediction=cfg.prediction,
+                          clip_x0=autoencoder is None)  # latents are not confined to [-1, 1]
     was_training = model.training
     model.eval()
     try:
-        images = sample(model, x_T, sampler, labels, progress=False).images
+        images = sample(model, x_T, sampler, labels, progress=False, clip=autoencoder is None).images
         return images if autoencoder is None else autoencoder.from_latent(images.to(device)).clamp(-1, 1)
     finally:
         model.train(was_training)

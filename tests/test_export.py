@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,10 +76,10 @@ def library_samples(pipe: DiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor
     return x_T, sample(pipe.model, x_T, sampler, torch.tensor(LABELS), guidance_scale=GUIDANCE, progress=False).images
 
 
-def run_standalone(paths, tmp_path) -> list[np.ndarray]:
+def run_standalone(paths, tmp_path, shape=(1, 28, 28)) -> list[np.ndarray]:
     """Sample with the copied standalone_sampler.py from each artifact, all in ONE fresh process (ONNX ones first),
     checking that the ONNX runs needed no torch and that nothing imported lessons_lib."""
-    np.save(tmp_path / "x_T.npy", randn((len(LABELS), 1, 28, 28), seed=0).numpy())
+    np.save(tmp_path / "x_T.npy", randn((len(LABELS), *shape), seed=0).numpy())
     paths = sorted(paths, key=lambda p: p.suffix != ".onnx")
     jobs = [[str(p), "--noise", str(tmp_path / "x_T.npy"), "--class", *map(str, LABELS), "--steps", str(STEPS),
              "--guidance", str(GUIDANCE), "--out", str(tmp_path / f"out{i}.npy")] for i, p in enumerate(paths)]
@@ -248,3 +249,26 @@ def test_bench_command_reports_every_row_as_json(capsys):
         assert r["speedup"] == 1.0 if r["format"] == "eager" else r["speedup"] > 0
         assert r["fid"] > 0 and abs(r["fid_change"]) < 1e-3  # the same network (up to 1e-4) draws the same images
     assert [r["fid"] for r in rows[:2]] == [r["fid"] for r in rows[2:]]  # one FID per network, whatever the batch
+
+
+def test_a_latent_model_exports_its_decoder_and_the_runner_decodes(tmp_path):
+    """A latent model's ONNX network and decoder, run by the standalone runner in a fresh process, give the images of
+    the library's DDIM on latents (no clipping) decoded by the autoencoder."""
+    from lessons_lib.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(base_channels=8, channel_mults=(1, 2), latent_channels=2, scale_factor=0.7).eval()
+    unet = UNet(replace(preset("tiny").model, in_channels=2)).eval()
+    pipe = DiffusionPipeline(unet, get_schedule("cosine", 100), autoencoder=autoencoder)
+    path = E.export_onnx(pipe, tmp_path / E.artifact_name("onnx", "fp32"), device="cpu")
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    assert (meta["sample_size"], meta["image_size"], meta["in_channels"], meta["clip_x0"]) == (14, 28, 2, False)
+    assert (tmp_path / meta["decoder"]["file"]).is_file() and meta["decoder"]["scale_factor"] == 0.7
+    (images,) = run_standalone([path], tmp_path, shape=(2, 14, 14))
+    x_T = randn((len(LABELS), 2, 14, 14), seed=0)
+    sampler = get_sampler("ddim", pipe.schedule, STEPS, spacing="trailing", clip_x0=False)
+    with torch.no_grad():
+        z = sample(unet, x_T, sampler, torch.tensor(LABELS), guidance_scale=GUIDANCE, progress=False, clip=False).images
+        want = autoencoder.decode(z / 0.7).clamp(-1, 1)
+    assert images.shape == (len(LABELS), 1, 28, 28)
+    np.testing.assert_allclose(images, want.numpy(), rtol=0, atol=1e-3)

@@ -143,8 +143,10 @@ def test_generate_samples_latents_and_decodes_them(latent_dir):
     pipe = DiffusionPipeline.from_pretrained(latent_dir)
     result = pipe.generate(GenerationConfig(prompt=3, num_images=2, seed=5, sampler="ddim", steps=6), progress=False)
     gens = sample_generators(5, 2)
-    z = sample(pipe.model, randn((2, 2, 8, 8), generator=gens), get_sampler("ddim", pipe.schedule, 6, "trailing"),
-               torch.tensor([3, 3]), 1.0, gens, progress=False).images
+    sampler = get_sampler("ddim", pipe.schedule, 6, "trailing", clip_x0=False)  # latents have no [-1, 1] range
+    z = sample(pipe.model, randn((2, 2, 8, 8), generator=gens), sampler, torch.tensor([3, 3]), 1.0, gens, progress=False,
+               clip=False).images
+    assert z.abs().max() > 1  # unclipped
     with torch.no_grad():
         expected = pipe.autoencoder.decode(z / pipe.autoencoder.config.scale_factor).clamp(-1, 1)
     assert torch.equal(result.images, expected) and result.images.shape == (2, 1, 16, 16)
