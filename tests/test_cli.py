@@ -217,3 +217,21 @@ def test_cli_sample_lists_the_samplers_and_presets(tiny_model, capsys):
             _sample(tiny_model, flag, "warp")
         err = capsys.readouterr().err
         assert "invalid choice: 'warp'" in err and all(name in err for name in allowed)
+
+
+@pytest.mark.skipif(data.find_fashion_mnist("train") is None, reason="Fashion-MNIST not installed")
+def test_cli_trains_an_autoencoder_then_a_latent_model_that_samples(tmp_path, capsys):
+    from lessons_lib.cli import main
+    from lessons_lib.pipeline import DiffusionPipeline
+
+    ae, ldm, out = tmp_path / "ae", tmp_path / "ldm", tmp_path / "grid.png"
+    assert main(["autoencoder", "--out-dir", str(ae), "--base-channels", "8", "--latent-channels", "3", "--max-steps", "2",
+                 "--batch-size", "16", "--no-progress"]) == 0
+    assert "scale_factor" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--autoencoder", str(ae), "--max-steps", "2", "--out-dir", str(ldm),
+                 "--no-progress"]) == 0
+    pipe = DiffusionPipeline.from_pretrained(ldm)
+    assert pipe.sample_shape == (3, 7, 7) and pipe.image_shape == (1, 28, 28)
+    assert _sample(ldm, "--n", "2", "--class", "bag", "--out", str(out)) == 0 and out.stat().st_size > 500
+    assert main(["autoencoder", "--out-dir", str(tmp_path / "bad"), "--kl-weight", "-1", "--max-steps", "1"]) == 2
+    assert "kl_weight must be a finite number >= 0" in capsys.readouterr().err
