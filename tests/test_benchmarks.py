@@ -86,3 +86,27 @@ def test_the_study_scores_each_budget_by_its_best_sampler_and_builds_its_candida
     flow = ttq.candidate_config("flow+logit_normal", images=1280, every=5)
     assert (flow.prediction, flow.schedule, flow.weighting, flow.timesteps) == ("flow", "flow", "uniform", "logsnr_normal")
     assert (flow.logsnr_mean, flow.logsnr_std, flow.max_steps, flow.amp) == (0.0, 2.0, 10, "auto")
+
+
+def test_the_latent_study_measures_psnr_against_its_definition_and_names_valid_candidates(tmp_path, monkeypatch):
+    import latent_diffusion as ld
+
+    from lessons_lib.autoencoder import Autoencoder, save_autoencoder
+    from lessons_lib.data import ImageDataset
+
+    shapes = {name: cfg.latent_shape(28) for name, cfg in ld.AUTOENCODERS.items()}
+    assert shapes["f4c4"] == (4, 7, 7) and shapes["f2c2"] == (2, 14, 14) and shapes["f4c8"] == (8, 7, 7)
+    torch.manual_seed(0)
+    model = Autoencoder(base_channels=8, channel_mults=(1, 2), latent_channels=2, scale_factor=1.0).eval()
+    save_autoencoder(model, tmp_path)
+    images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
+    ds = ImageDataset(images, torch.arange(20) % 10, [str(i) for i in range(10)], "synthetic")
+    monkeypatch.setattr(ld, "load_fashion_mnist", lambda split: ds)
+    monkeypatch.setattr(ld, "FLOOR_N", 12)
+    scores = ld.reconstruction_scores(tmp_path)
+    with torch.no_grad():
+        x = images.float() / 127.5 - 1
+        mse = (model.decode(model.encode(x).mean).clamp(-1, 1) - x).square().flatten(1).mean(1)
+    assert abs(scores["test_mse"] - mse.mean().item()) < 1e-6
+    assert abs(scores["test_psnr_db"] - (10 * torch.log10(4 / mse)).mean().item()) < 1e-4  # peak-to-peak 2: 2^2 / MSE
+    assert scores["n"] == 12
