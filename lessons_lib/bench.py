@@ -106,13 +106,16 @@ def _fids(nets: dict, pipe: DiffusionPipeline, n: int, sampler, batch_size: int 
 
     cfg, device = pipe.model.config, next(pipe.model.parameters()).device
     labels = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
-    x_T = randn((n, *pipe.image_shape), seed=0)
+    x_T, ae = randn((n, *pipe.sample_shape), seed=0), pipe.autoencoder
     fids = {}
     for key, net in nets.items():
         parts = [sample(net, x_T[i:i + batch_size].to(device), sampler,
-                        None if labels is None else labels[i:i + batch_size].to(device), progress=False).images.cpu()
-                 for i in range(0, n, batch_size)]
-        fids[key] = evaluate(torch.cat(parts), reference="test", labels=labels).fid
+                        None if labels is None else labels[i:i + batch_size].to(device), progress=False,
+                        clip=ae is None).images for i in range(0, n, batch_size)]
+        if ae is not None:  # a latent model: the same decoder turns every network's latents into images
+            with torch.no_grad():
+                parts = [ae.from_latent(z.to(next(ae.parameters()).device)).clamp(-1, 1) for z in parts]
+        fids[key] = evaluate(torch.cat([p.cpu() for p in parts]), reference="test", labels=labels).fid
     return fids
 
 
@@ -232,14 +235,15 @@ def bench(pipe: DiffusionPipeline, formats=(EAGER, *FORMATS), precisions=None, b
     log = log or (lambda *_: None)
     if threads:
         torch.set_num_threads(threads)
-    sampler = get_sampler("ddim", pipe.schedule, steps, spacing="trailing", prediction=pipe.prediction)
+    sampler = get_sampler("ddim", pipe.schedule, steps, spacing="trailing", prediction=pipe.prediction,
+                          clip_x0=pipe.autoencoder is None)  # latents have no [-1, 1] range
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         nets, targets = _networks(pipe, formats, precisions, device, threads, Path(work_dir or tmp), log)
         peaks = {}
         if memory and device.type == "cpu":
             log("measuring memory in fresh processes ...")
-            size = pipe.image_shape[-1]
+            size = pipe.sample_shape[-1]  # what the network takes: images, or a latent model's latents
             peaks = {key: _cpu_peak_mb(targets[key], key[1], size, list(batch_sizes), threads) for key in nets}
         fids = {}
         if fid_images:

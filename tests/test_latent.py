@@ -182,3 +182,16 @@ def test_a_saved_latent_pipeline_gives_the_same_images(latent_dir, tmp_path):
     copy = DiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path))
     c = GenerationConfig(prompt=1, num_images=2, sampler="dpmpp_2m", steps=5)
     assert torch.equal(pipe.generate(c, progress=False).images, copy.generate(c, progress=False).images)
+
+
+def test_the_bench_times_a_latent_models_network_on_latents_and_scores_decoded_samples(latent_dir, monkeypatch):
+    from lessons_lib import bench as B
+    from lessons_lib import metrics
+
+    pipe = DiffusionPipeline.from_pretrained(latent_dir)
+    scored = []
+    monkeypatch.setattr(metrics, "evaluate", lambda images, **kw: scored.append(images) or type("E", (), {"fid": 1.0})())
+    rows = B.bench(pipe, formats=(B.EAGER, "torch_export"), precisions=["fp32"], batch_sizes=(3,), repeats=1, steps=2,
+                   memory=False, log=None, fid_images=4)
+    assert [(r.format, r.batch) for r in rows] == [(B.EAGER, 3), ("torch_export", 3)] and rows[1].max_abs_err < 1e-4
+    assert all(images.shape == (4, 1, 16, 16) and images.abs().max() <= 1 for images in scored)  # decoded images
