@@ -12,6 +12,7 @@ At every checkpoint the run folder holds ``resume.pt``, ``loss.csv`` and a loada
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -160,9 +161,11 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, dataset: ImageDataset | None 
     if cfg.model.feature_weight > 0:
         from .metrics import default_classifier
 
-        features = default_classifier().to(device).eval().requires_grad_(False).features
+        # a copy: the cached classifier that metrics.evaluate uses stays where it is
+        features = copy.deepcopy(default_classifier()).to(device).eval().requires_grad_(False).features
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_schedule))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 gradients need loss scaling
     step, history = 0, []
     resume_path = out_dir / RESUME
     if resume and resume_path.exists():
@@ -182,7 +185,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, dataset: ImageDataset | None 
     def write_checkpoint():
         """resume.pt, loss.csv and the autoencoder folder, its scale_factor measured on the fixed images."""
         model.eval()
-        measure_scale_factor(model, to_model(images[scale_idx]).to(device), generator=torch.Generator().manual_seed(cfg.seed))
+        measure_scale_factor(model, to_model(images[scale_idx]).to(device))
         model.train()
         state = {"config": json.dumps(cfg.to_dict()), "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step,
@@ -205,10 +208,12 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, dataset: ImageDataset | None 
                 raise TrainingDivergedError(f"loss is {loss.item()} at step {step}; stopped without writing, so "
                                             f"{resume_path} still holds the last good checkpoint. Lower lr (now {cfg.lr}).")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             seen += cfg.batch_size

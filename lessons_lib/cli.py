@@ -171,8 +171,9 @@ def _autoencoder(args) -> int:
     cfg = AutoencoderTrainConfig(model=model, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                                  out_dir=args.out_dir, **length)
     result = train_autoencoder(cfg, resume=not args.no_resume, progress=not args.no_progress)
-    print(f"step {result.step}: loss {result.history[-1][1]:.4f}, scale_factor {result.model.config.scale_factor:.4f}; "
-          f"autoencoder in {result.out_dir} (train a latent model on it: train --autoencoder {result.out_dir})")
+    if result.step and result.history:
+        print(f"step {result.step}: loss {result.history[-1][1]:.4f}, scale_factor {result.model.config.scale_factor:.4f}; "
+              f"autoencoder in {result.out_dir} (train a latent model on it: train --autoencoder {result.out_dir})")
     return 130 if result.interrupted else 0
 
 

@@ -128,7 +128,11 @@ def ddim_sample(net, meta: dict, x_T: np.ndarray, labels: np.ndarray, steps: int
 
 def decode(artifact: str | Path, meta: dict, latents: np.ndarray, threads: int | None = None) -> np.ndarray:
     """A latent model's latents as images in [-1, 1], through the ONNX decoder named in the sidecar."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError("a latent model's decoder is ONNX: decoding its samples needs onnxruntime "
+                         "(pip install onnxruntime), whatever the network's format") from None
 
     options = ort.SessionOptions()
     if threads:

@@ -29,7 +29,16 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .autoencoder import Autoencoder, encode_images, load_autoencoder
-from .checkpoint import CheckpointError, atomic_write, load_state, pipeline_record, save_pretrained, writable_folder
+from .checkpoint import (
+    AUTOENCODER,
+    CheckpointError,
+    atomic_write,
+    load_state,
+    pipeline_record,
+    read_config,
+    save_pretrained,
+    writable_folder,
+)
 from .config import BUILD_DIR
 from .data import ImageDataset, load_fashion_mnist, to_model
 from .device import get_device, randn, training_autocast_dtype
@@ -110,6 +119,9 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.model, dict):
             self.model = UNetConfig(**self.model)
+        for name in ("autoencoder", "init_from", "out_dir"):  # paths are stored as strings (the config is JSON)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         if isinstance(self.amp, bool):  # configs saved before amp named a mode said True (auto) or False (off)
             self.amp = "auto" if self.amp else "off"
         for name, value, allowed in (("prediction", self.prediction, PREDICTION_TYPES), ("loss", self.loss, LOSSES),
@@ -468,11 +480,15 @@ APPLIED_ON_RESUME = ("lr", "weight_decay", "grad_clip", "ema_decay", "max_steps"
                      "compile", "channels_last", "out_dir", "checkpoint_every", "log_every", "sample_every", "snapshot_every")
 
 
-def init_weights(cfg: TrainConfig, schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
-    """The weights of the model folder ``cfg.init_from``, checked to be this run's network and objective."""
+def init_weights(cfg: TrainConfig, schedule: NoiseSchedule, autoencoder_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights of the model folder ``cfg.init_from``, checked to be this run's network, objective and space
+    (pixels, or the latents of the same autoencoder: ``autoencoder_sha256`` of this run's)."""
     pipe = DiffusionPipeline.from_pretrained(cfg.init_from, device="cpu")
-    theirs = {**asdict(pipe.model.config), "prediction": pipe.prediction, "schedule": schedule_record(pipe.schedule)}
-    ours = {**asdict(cfg.model), "prediction": cfg.prediction, "schedule": schedule_record(schedule)}
+    their_autoencoder = (pipe.metadata or {}).get(AUTOENCODER, {}).get("weights_sha256")
+    theirs = {**asdict(pipe.model.config), "prediction": pipe.prediction, "schedule": schedule_record(pipe.schedule),
+              "autoencoder sha256": their_autoencoder}
+    ours = {**asdict(cfg.model), "prediction": cfg.prediction, "schedule": schedule_record(schedule),
+            "autoencoder sha256": autoencoder_sha256}
     differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k]]
     if differ:
         raise ValueError(f"init_from {cfg.init_from} does not fit this run: {'; '.join(differ)}. Start from a model "
@@ -512,10 +528,11 @@ def load_resume(path: Path, device: torch.device) -> dict:
 
 
 def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, opt, sched, step: int,
-                history: list[tuple[int, float]], total_steps: int | None = None) -> None:
+                history: list[tuple[int, float]], total_steps: int | None = None, autoencoder_sha256: str | None = None) -> None:
     """Atomically write the resume checkpoint (read back with ``torch.load(weights_only=True)``).
 
-    ``total_steps``: the run's planned length, once known (a minutes budget with a decaying schedule)."""
+    ``total_steps``: the run's planned length, once known (a minutes budget with a decaying schedule).
+    ``autoencoder_sha256``: a latent run's autoencoder weights, checked on resume (the path alone could be retrained)."""
     state = {
         "config": json.dumps(cfg.to_dict()),
         "model": model.state_dict(),
@@ -525,6 +542,7 @@ def save_resume(path: Path, cfg: TrainConfig, model: UNet, ema: AveragedModel, o
         "step": step,
         "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2),
         "total_steps": -1 if total_steps is None else total_steps,
+        "autoencoder_sha256": autoencoder_sha256 or "",
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -570,6 +588,8 @@ def sample_grid(model: UNet, cfg: TrainConfig, image_size: int = 28, columns: in
     randomness is untouched. Returns images (rows * columns, C, H, W) in [-1, 1], row by row; a latent model's
     latents decoded by its ``autoencoder``.
     """
+    if cfg.autoencoder and autoencoder is None:
+        raise ValueError(f"this run learns the latents of {cfg.autoencoder}: pass autoencoder= to decode its grid")
     device = next(model.parameters()).device
     rows, conditional = cfg.model.num_classes or columns, cfg.model.num_classes is not None
     side = image_size if autoencoder is None else autoencoder.config.latent_shape(image_size)[-1]
@@ -631,9 +651,10 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)} images)")
     schedule = get_schedule(cfg.schedule, cfg.num_steps, zero_terminal_snr=cfg.zero_terminal_snr)
     images, labels = dataset.images.to(dist.device), dataset.labels.to(dist.device)  # uint8: 47 MB for Fashion-MNIST
-    image_size, autoencoder = images.shape[-1], None
+    image_size, autoencoder, autoencoder_sha256 = images.shape[-1], None, None
     if cfg.autoencoder:
         autoencoder = load_autoencoder(cfg.autoencoder, dist.device)
+        autoencoder_sha256 = read_config(cfg.autoencoder)[AUTOENCODER]["weights_sha256"]
         latent_channels = autoencoder.config.latent_channels
         if cfg.model.in_channels != latent_channels:
             raise ValueError(f"the autoencoder {cfg.autoencoder} gives latents of {latent_channels} channels: set the "
@@ -643,7 +664,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = UNet(cfg.model).to(dist.device)
     if cfg.init_from:
-        load_state(model, init_weights(cfg, schedule))
+        load_state(model, init_weights(cfg, schedule, autoencoder_sha256))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     averaging = power_ema(cfg.ema_sigma_rel) if cfg.ema_sigma_rel is not None else ema_with_warmup(cfg.ema_decay)
@@ -656,6 +677,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     if resume and resume_path.exists():
         state = load_resume(resume_path, dist.device)
         saved = TrainConfig.from_dict(json.loads(state["config"]))
+        saved_autoencoder = state.get("autoencoder_sha256") or None
+        if autoencoder_sha256 and saved_autoencoder and saved_autoencoder != autoencoder_sha256:
+            raise ValueError(f"the autoencoder in {cfg.autoencoder} has changed since this run began (weights sha256 "
+                             f"{saved_autoencoder[:12]}... then, {autoencoder_sha256[:12]}... now): the network learnt the "
+                             "old one's latents. Restore that autoencoder, or start a new run on the new one")
         kept_plan = cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0
         changes = resume_changes(saved, cfg, kept_plan)
         load_state(model, state["model"])
@@ -699,7 +725,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
 
     def write_checkpoint():
         """resume.pt, loss.csv and the EMA model folder that ``sample`` loads: a run stopped any way leaves both."""
-        save_resume(resume_path, cfg, model, ema, opt, sched, step, history, total)
+        save_resume(resume_path, cfg, model, ema, opt, sched, step, history, total, autoencoder_sha256)
         save_loss_csv(out_dir / LOSS_CSV, history)
         save_ema(out_dir)
 

@@ -75,17 +75,19 @@ def test_the_saved_scale_factor_is_one_over_the_std_of_the_fixed_images_latents(
     ds = _dataset()
     idx = torch.randperm(len(ds.images), generator=torch.Generator().manual_seed(0))[:32]
     with torch.no_grad():
-        z = model.encode(to_model(ds.images[idx])).sample(torch.Generator().manual_seed(0))
+        z = model.encode(to_model(ds.images[idx])).mean
     assert model.config.scale_factor == pytest.approx(1 / z.std().item(), rel=1e-6)
 
 
-def test_a_resume_that_changes_the_network_is_refused_and_a_changed_lr_applies(tmp_path):
+def test_a_resume_that_changes_the_network_is_refused_and_a_changed_lr_applies(tmp_path, monkeypatch):
     ds = _dataset()
     train_autoencoder(_ae_cfg(tmp_path, max_steps=2), ds, progress=False)
     with pytest.raises(ValueError, match="changed model"):
         train_autoencoder(_ae_cfg(tmp_path, model=replace(AE, latent_channels=3)), ds, progress=False)
+    resumed = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: resumed.append(self.param_groups[0]["lr"]))
     result = train_autoencoder(_ae_cfg(tmp_path, max_steps=3, lr=1e-3), ds, progress=False)
-    assert result.step == 3
+    assert result.step == 3 and resumed == [1e-3]  # constant schedule after the warm-up: the new peak lr
 
 
 def test_bad_trainer_configs_are_refused():
@@ -139,6 +141,30 @@ def test_the_trainer_refuses_a_network_that_does_not_take_the_latents(tmp_path, 
         train(preset("tiny", autoencoder=str(autoencoder_dir), out_dir=str(tmp_path), max_steps=1), _dataset(), progress=False)
 
 
+def test_a_latent_run_draws_decoded_grids_and_refuses_a_changed_autoencoder_or_another_space(tmp_path, autoencoder_dir):
+    from lessons_lib.train import sample_grid
+
+    ae = tmp_path / "ae"
+    save_autoencoder(load_autoencoder(autoencoder_dir), ae)
+    model = replace(preset("tiny").model, in_channels=2)
+    cfg = preset("tiny", model=model, autoencoder=ae, out_dir=tmp_path / "run", max_steps=2, sample_every=2)
+    result = train(cfg, _dataset(), progress=False)  # a Path is stored as a string in the JSON config
+    assert [p.name for p in result.samples] == ["step_0000002.png"]
+    grid = sample_grid(result.ema, cfg, 16, columns=2, steps=2, autoencoder=load_autoencoder(ae))
+    assert grid.shape == (20, 1, 16, 16) and grid.abs().max() <= 1
+    with pytest.raises(ValueError, match="pass autoencoder= to decode"):
+        sample_grid(result.ema, cfg, 16, columns=2, steps=2)
+    with pytest.raises(ValueError, match="has changed since this run began"):
+        retrained = load_autoencoder(ae)
+        with torch.no_grad():
+            next(retrained.parameters()).add_(0.01)
+        save_autoencoder(retrained, ae)
+        train(replace(cfg, max_steps=3), _dataset(), progress=False)
+    with pytest.raises(ValueError, match="autoencoder sha256"):  # a latent model's weights cannot start a pixel run
+        train(preset("tiny", model=model, init_from=str(tmp_path / "run"), out_dir=str(tmp_path / "pixel"), max_steps=1,
+                     num_steps=1000), _dataset(), progress=False)
+
+
 def test_generate_samples_latents_and_decodes_them(latent_dir):
     pipe = DiffusionPipeline.from_pretrained(latent_dir)
     result = pipe.generate(GenerationConfig(prompt=3, num_images=2, seed=5, sampler="ddim", steps=6), progress=False)
@@ -152,16 +178,43 @@ def test_generate_samples_latents_and_decodes_them(latent_dir):
     assert torch.equal(result.images, expected) and result.images.shape == (2, 1, 16, 16)
 
 
-def test_latent_edits_encode_first_and_inpainting_keeps_the_kept_pixels(latent_dir):
+def test_latent_edits_are_the_pixel_edits_run_on_encoded_inputs_then_decoded(latent_dir):
+    """Image-to-image and inpainting on a latent model equal, bit for bit, the same edit run by hand on the
+    encoded image (and the mask taken to the latent grid), decoded; inpainting then pastes the kept pixels back."""
+    from lessons_lib.editing import Inpainter, noise_to
+
     pipe = DiffusionPipeline.from_pretrained(latent_dir)
-    image = to_model(_dataset().images[0])
+    ae, image = pipe.autoencoder, to_model(_dataset().images[0])
     kept = pipe.generate(GenerationConfig(init_image=image, strength=0.0, sampler="ddim", steps=6), progress=False)
     assert torch.equal(kept.images[0], image)  # strength 0: the input back, not its reconstruction
     mask = torch.zeros(16, 16)
     mask[4:9, 5:11] = 1
-    out = pipe.generate(GenerationConfig(init_image=image, mask=mask, sampler="ddim", steps=6, num_images=2), progress=False)
-    assert torch.equal(out.images[:, :, mask == 0], image[:, mask == 0].expand(2, 1, -1))
-    assert not torch.equal(out.images[:, :, mask == 1], image[:, mask == 1].expand(2, 1, -1))
+    gens = sample_generators(0, 2)
+    eps = randn((2, 2, 8, 8), generator=gens)
+    with torch.no_grad():
+        z0 = ae.to_latent(image.expand(2, 1, 16, 16))
+    cells = downsample_mask(mask.bool().expand(2, 1, 16, 16), 2)
+    assert cells.sum() == 2 * 3 * 4  # rows 4-8 and columns 5-10 touch latent rows 2-4 and columns 2-5
+
+    sampler = get_sampler("ddim", pipe.schedule, 6, "trailing", clip_x0=False)
+    hook = Inpainter(pipe.model, sampler, z0, cells, gens, None, 1.0, None)
+    z = sample(pipe.model, eps, sampler, None, 1.0, gens, progress=False, on_step=hook, clip=False).images
+    with torch.no_grad():
+        want = torch.where(mask.bool(), ae.from_latent(z).clamp(-1, 1), image)
+    got = pipe.generate(GenerationConfig(init_image=image, mask=mask, sampler="ddim", steps=6, num_images=2), progress=False)
+    assert torch.equal(got.images, want)
+
+    gens = sample_generators(0, 1)
+    eps = randn((1, 2, 8, 8), generator=gens)
+    sampler = get_sampler("ddim", pipe.schedule, 6, "trailing", clip_x0=False)
+    run = get_sampler("ddim", pipe.schedule, 6, "trailing", clip_x0=False, timesteps=sampler.timesteps[-3:].tolist())
+    with torch.no_grad():
+        z0 = ae.to_latent(image[None])  # encoded as the pipeline encodes it: a batch of one
+    z = sample(pipe.model, noise_to(z0, run.alpha_bars(0)[0], eps), run, None, 1.0, gens, progress=False, clip=False).images
+    with torch.no_grad():
+        want = ae.from_latent(z).clamp(-1, 1)
+    got = pipe.generate(GenerationConfig(init_image=image, strength=0.5, sampler="ddim", steps=6), progress=False)
+    assert got.steps == 3 and torch.equal(got.images, want)
 
 
 def test_the_latent_mask_covers_every_cell_that_holds_a_repainted_pixel():
