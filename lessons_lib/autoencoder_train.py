@@ -30,11 +30,12 @@ from .train import (
     LOSS_CSV,
     LR_SCHEDULES,
     RESUME,
-    TrainingDivergedError,
     _amp_dtype,
     _step_generator,
     batch_indices,
+    check_finite,
     lr_factor,
+    optimizer_step,
     save_loss_csv,
 )
 from .unet import count_parameters
@@ -204,17 +205,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, dataset: ImageDataset | None 
             x = to_model(images[batch_indices(len(images), cfg.batch_size, cfg.seed, step)]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, parts = autoencoder_loss(model, x, _step_generator(cfg.seed, step, stream=1), features)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"loss is {loss.item()} at step {step}; stopped without writing, so "
-                                            f"{resume_path} still holds the last good checkpoint. Lower lr (now {cfg.lr}).")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            check_finite(loss, step, resume_path, f"Lower lr (now {cfg.lr}).")
+            optimizer_step(loss, model, opt, scaler, sched, cfg.grad_clip)
             step += 1
             seen += cfg.batch_size
             if step % cfg.log_every == 0 or step == total:

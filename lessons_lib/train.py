@@ -374,6 +374,25 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
+def check_finite(loss: torch.Tensor, step: int, resume_path: Path, advice: str) -> None:
+    """Stop a run whose loss is NaN or infinite, before anything is written over the last good checkpoint."""
+    if not torch.isfinite(loss):
+        raise TrainingDivergedError(f"loss is {loss.item()} at step {step}; stopped without writing, so {resume_path} "
+                                    f"still holds the last good checkpoint. {advice}")
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt, scaler, sched, grad_clip: float | None) -> None:
+    """Backward (the loss scaled when training in fp16), clip the gradient norm, step the optimizer and the lr schedule."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def _total_steps(cfg: TrainConfig, num_images: int) -> int | None:
     """The run's length in steps from max_steps / epochs; None when only the clock (minutes) bounds it."""
     steps = [cfg.max_steps] if cfg.max_steps is not None else []
@@ -754,18 +773,8 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
             torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + dist.rank)  # dropout masks, per step and process
             with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = diffusion_loss(net, x0, t.to(dist.device), eps.to(dist.device), y, schedule, cfg)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} at step {step}; stopped without writing, so {resume_path} still holds "
-                    f"the last good checkpoint. Lower lr (now {cfg.lr}) or set grad_clip (now {cfg.grad_clip}).")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            check_finite(loss, step, resume_path, f"Lower lr (now {cfg.lr}) or set grad_clip (now {cfg.grad_clip}).")
+            optimizer_step(loss, model, opt, scaler, sched, cfg.grad_clip)
             ema.update_parameters(model)
             step += 1
             seen += cfg.batch_size
