@@ -203,7 +203,7 @@ def measure_scale_factor(model: Autoencoder, images: torch.Tensor, batch_size: i
     """1 / std of the latents of ``images``, stored in the config (Rombach et al. 2022, sec. 4.3.2: 'rescale the
     latent space to unit standard deviation'): the diffusion model then trains on z * scale_factor. The latents are
     the posterior means, which is what :meth:`Autoencoder.to_latent` gives the diffusion model (Stable Diffusion
-    samples q(z | x) instead; with the small KL weight its std is a few percent of the means')."""
+    samples q(z | x) instead)."""
     latents = torch.cat([model.encode(x).mode() for x in images.split(batch_size)])
     model.config.scale_factor = 1.0 / latents.std().item()
     return model.config.scale_factor
