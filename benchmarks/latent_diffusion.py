@@ -1,12 +1,13 @@
 """Latent diffusion against pixel diffusion on a laptop CPU, measured.
 
-- ``autoencoder NAME``: trains one autoencoder of ``AUTOENCODERS`` into ``build/runs/latent/ae-NAME`` and measures
+- ``autoencoder NAME --epochs E``: trains one autoencoder of ``AUTOENCODERS`` into ``build/runs/latent/ae-NAME-Eep``
+  and measures
   what it keeps: reconstruction MSE and PSNR (posterior mean, decoded) over the 10,000 test images, and the course
   FID of the reconstructions of the 1,000 training images whose own FID against the test set is the course's floor
   (3.0). That FID is the floor of every latent model built on this autoencoder: a perfect latent model would make
   exactly such reconstructions.
 - ``diffusion NAME --minutes M``: trains the ``cpu`` preset's U-Net for M minutes on pixels (``NAME`` = ``pixel``) or
-  on the latents of autoencoder ``NAME`` (the network takes its latent channels), then scores its EMA weights with
+  on the latents of the autoencoder run ``NAME`` (e.g. ``f4c4-5ep``; the network takes its latent channels), then scores its EMA weights with
   the course metric (1,000 class-balanced images, DPM-Solver++ 2M, 20 steps on the Karras grid) and measures the
   cost of one network evaluation and the sampling speed (images/s at 20 steps, the decoder included). Equal minutes
   is the fair comparison here: one step of the two networks costs very differently. Run the pixel and the latent run
@@ -14,9 +15,11 @@
 - ``table``: gathers the finished runs into ``benchmarks/results/latent_diffusion.json`` and prints both tables.
 
 Run from the repository root:
-  taskset -c 0 python benchmarks/latent_diffusion.py autoencoder f4c4
+  python benchmarks/latent_diffusion.py autoencoder f4c4 --epochs 5
+  taskset -c 0 python benchmarks/latent_diffusion.py autoencoder f4c4 --epochs 1 &
+  taskset -c 1 python benchmarks/latent_diffusion.py autoencoder f2c2 --epochs 1
   taskset -c 0 python benchmarks/latent_diffusion.py diffusion pixel --minutes 30 &
-  taskset -c 1 python benchmarks/latent_diffusion.py diffusion f4c4 --minutes 30
+  taskset -c 1 python benchmarks/latent_diffusion.py diffusion f4c4-5ep --minutes 30
   python benchmarks/latent_diffusion.py table
 """
 
@@ -57,6 +60,10 @@ AUTOENCODERS = {
 }
 
 
+def autoencoder_dir(name: str, epochs: float) -> Path:
+    return RUNS / f"ae-{name}-{epochs:g}ep"
+
+
 def _save(path: Path, entry: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(entry, indent=2) + "\n"))
 
@@ -89,7 +96,7 @@ def reconstruction_scores(folder: Path) -> dict:
 def autoencoder(args) -> None:
     if args.name not in AUTOENCODERS:
         raise SystemExit(f"unknown autoencoder {args.name!r}; known: {', '.join(AUTOENCODERS)}")
-    out = RUNS / f"ae-{args.name}"
+    out = autoencoder_dir(args.name, args.epochs)
     cfg = AutoencoderTrainConfig(model=replace(AUTOENCODERS[args.name]), epochs=args.epochs, out_dir=str(out))
     ledger_path = out / "ledger.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"train_s": 0.0, "step": 0}
@@ -129,6 +136,8 @@ def diffusion(args) -> None:
     latent = args.name != "pixel"
     out = RUNS / f"ldm-{args.name}" if latent else RUNS / "pixel"
     changes = {"autoencoder": str(RUNS / f"ae-{args.name}")} if latent else {}
+    if latent and not (RUNS / f"ae-{args.name}" / "result.json").exists():
+        raise SystemExit(f"no finished autoencoder run {RUNS / f'ae-{args.name}'}; run `autoencoder` first")
     if latent:
         channels = load_autoencoder(changes["autoencoder"]).config.latent_channels
         changes["model"] = replace(T.preset("cpu").model, in_channels=channels)

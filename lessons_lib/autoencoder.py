@@ -210,6 +210,7 @@ def measure_scale_factor(model: Autoencoder, images: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
+@torch.no_grad()
 def encode_images(model: Autoencoder, images: torch.Tensor, batch_size: int = 500, progress: bool = False) -> torch.Tensor:
     """The diffusion-scale latents (:meth:`Autoencoder.to_latent`) of uint8 images (N, C, H, W), in batches."""
     device = next(model.parameters()).device

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lessons_lib.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder, save_autoencoder
+from lessons_lib.autoencoder import Autoencoder, AutoencoderConfig, encode_images, load_autoencoder, save_autoencoder
 from lessons_lib.autoencoder_train import AutoencoderTrainConfig, train_autoencoder
 from lessons_lib.checkpoint import AUTOENCODER_WEIGHTS, CheckpointError
 from lessons_lib.data import ImageDataset, to_model
@@ -248,3 +248,15 @@ def test_the_bench_times_a_latent_models_network_on_latents_and_scores_decoded_s
                    memory=False, log=None, fid_images=4)
     assert [(r.format, r.batch) for r in rows] == [(B.EAGER, 3), ("torch_export", 3)] and rows[1].max_abs_err < 1e-4
     assert all(images.shape == (4, 1, 16, 16) and images.abs().max() <= 1 for images in scored)  # decoded images
+
+
+def test_encode_images_gives_the_latents_of_to_latent_in_batches_without_autograd_history():
+    """The trainer encodes the whole training set once: every batch must equal to_latent of its images, and no
+    autograd graph may be kept (60,000 images' activations would not fit in memory)."""
+    torch.manual_seed(0)
+    model = Autoencoder(replace(AE, scale_factor=0.5))
+    images = _dataset(n=10).images
+    z = encode_images(model, images, batch_size=3)
+    assert not z.requires_grad and z.grad_fn is None
+    with torch.no_grad():
+        torch.testing.assert_close(z, model.to_latent(to_model(images)))
