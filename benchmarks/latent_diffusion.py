@@ -7,11 +7,12 @@
   (3.0). That FID is the floor of every latent model built on this autoencoder: a perfect latent model would make
   exactly such reconstructions.
 - ``diffusion NAME --minutes M``: trains the ``cpu`` preset's U-Net for M minutes on pixels (``NAME`` = ``pixel``) or
-  on the latents of the autoencoder run ``NAME`` (e.g. ``f4c4-5ep``; the network takes its latent channels), then scores its EMA weights with
-  the course metric (1,000 class-balanced images, DPM-Solver++ 2M, 20 steps on the Karras grid) and measures the
-  cost of one network evaluation and the sampling speed (images/s at 20 steps, the decoder included). Equal minutes
-  is the fair comparison here: one step of the two networks costs very differently. Run the pixel and the latent run
-  at the same time pinned one core each (``taskset -c 0 ... & taskset -c 1 ...``): both see the same machine.
+  on the latents of the autoencoder run ``NAME`` (e.g. ``f4c4-5ep``; the network takes its latent channels), then
+  scores its EMA weights with the course metric (1,000 class-balanced images, DPM-Solver++ 2M, 20 steps on the
+  Karras grid) and measures the cost of one network evaluation and the sampling speed (images/s at 20 steps, the
+  decoder included). Equal minutes is the fair comparison here: one step of the two networks costs very
+  differently. Run the pixel and the latent run at the same time pinned one core each (``taskset -c 0 ... &
+  taskset -c 1 ...``): both see the same machine.
 - ``table``: gathers the finished runs into ``benchmarks/results/latent_diffusion.json`` and prints both tables.
 
 Run from the repository root:
