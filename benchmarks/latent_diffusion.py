@@ -1,8 +1,7 @@
 """Latent diffusion against pixel diffusion on a laptop CPU, measured.
 
 - ``autoencoder NAME --epochs E``: trains one autoencoder of ``AUTOENCODERS`` into ``build/runs/latent/ae-NAME-Eep``
-  and measures
-  what it keeps: reconstruction MSE and PSNR (posterior mean, decoded) over the 10,000 test images, and the course
+  and measures what it keeps: reconstruction MSE and PSNR (posterior mean, decoded) over the 10,000 test images, and the course
   FID of the reconstructions of the 1,000 training images whose own FID against the test set is the course's floor
   (3.0). That FID is the floor of every latent model built on this autoencoder: a perfect latent model would make
   exactly such reconstructions.
@@ -136,12 +135,13 @@ def speed(pipe: DiffusionPipeline, batch: int = 64, repeats: int = 5) -> dict:
 def diffusion(args) -> None:
     latent = args.name != "pixel"
     out = RUNS / f"ldm-{args.name}" if latent else RUNS / "pixel"
-    changes = {"autoencoder": str(RUNS / f"ae-{args.name}")} if latent else {}
-    if latent and not (RUNS / f"ae-{args.name}" / "result.json").exists():
-        raise SystemExit(f"no finished autoencoder run {RUNS / f'ae-{args.name}'}; run `autoencoder` first")
+    source = RUNS / f"ae-{args.name}"  # the autoencoder run whose latents a latent model learns
+    changes = {}
     if latent:
-        channels = load_autoencoder(changes["autoencoder"]).config.latent_channels
-        changes["model"] = replace(T.preset("cpu").model, in_channels=channels)
+        if not (source / "result.json").exists():
+            raise SystemExit(f"no finished autoencoder run {source}; run `autoencoder` first")
+        channels = load_autoencoder(source).config.latent_channels
+        changes = {"autoencoder": str(source), "model": replace(T.preset("cpu").model, in_channels=channels)}
     cfg = T.preset("cpu", minutes=args.minutes, out_dir=str(out), checkpoint_every=250, **changes)
     ledger_path = out / "ledger.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"train_s": 0.0, "step": 0}
@@ -163,7 +163,7 @@ def diffusion(args) -> None:
              "fid": r.fid, "precision": r.precision, "recall": r.recall, "class_agreement": r.accuracy, "n": r.n,
              **speed(pipe), **_machine()}
     if latent:
-        entry["autoencoder"] = json.loads((RUNS / f"ae-{args.name}" / "result.json").read_text())
+        entry["autoencoder"] = json.loads((source / "result.json").read_text())
     _save(out / "result.json", entry)
     print(json.dumps({k: v for k, v in entry.items() if k != "autoencoder"}, indent=1))
 
