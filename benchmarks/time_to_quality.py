@@ -2,25 +2,31 @@
 
 Each candidate is a set of changes to one starting recipe (``FLAGS_ONLY``: the ``cpu`` preset's network with v
 prediction, min-SNR-5, bf16 autocast, batch 128, lr 2e-3, EMA 0.999: the flags-only recipe a new user
-can type). ``run NAME`` trains one candidate into ``build/runs/ttq/NAME`` for a budget of images seen,
-keeps its EMA weights every ``--every`` steps (``snapshot_every``), and scores them:
+can type). ``run NAME`` trains one candidate into ``build/runs/ttq/NAME`` for a budget of images seen, or with
+``--minutes M`` into ``build/runs/ttq/NAME-Mmin`` for a budget of wall-clock, keeps its EMA weights every
+``--every`` steps (``snapshot_every``), and scores them:
 
 - every snapshot: FID of ``--curve-n`` class-balanced samples (DDIM, ``--curve-steps`` steps), for the
-  FID-against-images curve, with the minutes each snapshot took to reach (the folder's write time);
-- the last weights: the course metric, 1,000 class-balanced samples against the 10k test images, with
-  DDIM at 50 steps, DPM-Solver++ 2M at 20 and, with ``--ddpm``, 1000-step ancestral DDPM;
+  FID-against-images (or minutes) curve; a snapshot's minutes are its images over the run's images/s;
+- the last weights: the course metric, 1,000 class-balanced samples against the 10k test images, with the
+  samplers of ``--final`` (DDIM at 50 steps and DPM-Solver++ 2M at 20 by default) and, with ``--ddpm``,
+  1000-step ancestral DDPM;
 - ``fewstep NAME``: the same metric at 1 to 50 network evaluations (``FEW_STEP``), for comparing objectives
   (eps, v, rectified flow) as few-step models: the table's second part and the figure's second panel.
 
 Candidates that cost the same per step (objective, weighting, how t is drawn, LR schedule, EMA) are
 compared at equal images seen, which a busy machine cannot bias; each run also records its images/s, so
-minutes follow for all of them from one machine. Run two at a time pinned one core each
-(``taskset -c 0 ... & taskset -c 1 ...``): both see the same conditions. ``table`` gathers every finished
-run into ``benchmarks/results/time_to_quality.json`` and draws the curves.
+minutes follow for all of them from one machine. Candidates that change the cost of a step (width, depth,
+batch) and diffusers' recipe from the Hugging Face course (``hf_course``, benchmarks/hf_course_recipe.py:
+its own network, scheduler, optimiser and loop) are compared at equal minutes. Run two at a time pinned one
+core each (``taskset -c 0 ... & taskset -c 1 ...``): both see the same conditions. ``table`` gathers every
+finished run (or those ``--names`` names, by folder) into ``benchmarks/results/time_to_quality.json`` (or
+``--out``) and draws the curves.
 
 Run from the repository root:
   taskset -c 0 python benchmarks/time_to_quality.py run cosine --images 100000
-  python benchmarks/time_to_quality.py table
+  taskset -c 1 python benchmarks/time_to_quality.py run hf_course --minutes 30   # wall-clock budget: NAME-30min
+  python benchmarks/time_to_quality.py table --names flags-30min hf_course-30min --out recipe_30min
   python benchmarks/time_to_quality.py fewstep flow   # then: table --names flags eps flow ... --out flow_objectives
   python benchmarks/time_to_quality.py score data/pretrained/ddpm_fmnist --sampler plms --steps 19
 """
@@ -32,6 +38,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,18 +82,39 @@ CANDIDATES = {
     # its one-loss weighting over log-SNR (train.objective_density) is nearly flow+logit_normal's, so the pair
     # separates the weighting from the straight path
     "v+logit_normal": dict(weighting="uniform", timesteps="logsnr_normal", logsnr_mean=0.0, logsnr_std=2.0),
+    # the network's size and the batch: they change the cost of a step, so compare them at equal minutes
+    # (``run NAME --minutes M``); keys that are UNetConfig fields change the network
+    "base48": dict(base_channels=48),
+    "res2": dict(num_res_blocks=2),
+    "batch64": dict(batch_size=64),
+    "batch64+lr1e-3": dict(batch_size=64, lr=1e-3),
+    # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
+    # network, scheduler, optimiser and loop, unconditional; only with --minutes
+    "hf_course": {"recipe": "hf_course"},
 }
 # Few-step scoring (``fewstep``): DDIM, which on the flow path is exactly Euler in t (lessons_lib.flow), at every
 # budget, and DPM-Solver++ 2M where it differs from DDIM (from 2 evaluations); the best of them per budget.
 FEW_STEP = [("ddim", n) for n in (1, 2, 4, 10, 20, 50)] + [("dpmpp_2m", n) for n in (2, 4, 10, 20, 50)]
 
 
-def candidate_config(name: str, images: int, every: int) -> T.TrainConfig:
-    if name not in CANDIDATES:
-        raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+def run_dir(name: str, minutes: float | None) -> Path:
+    """Runs with a budget of images live under their name, runs with a budget of minutes under ``NAME-Mmin``."""
+    return RUNS / (name if minutes is None else f"{name}-{minutes:g}min")
+
+
+def candidate_config(name: str, images: int | None, every: int, minutes: float | None = None) -> T.TrainConfig:
+    """The cpu preset with the candidate's changes, for ``images`` seen or ``minutes`` of training."""
+    if name not in CANDIDATES or "recipe" in CANDIDATES[name]:
+        trainable = [n for n, c in CANDIDATES.items() if "recipe" not in c]
+        raise SystemExit(f"no course recipe named {name!r}; known: {', '.join(trainable)}")
+    if (images is None) == (minutes is None):
+        raise SystemExit("give the budget as images or as minutes, not both")
     changes = {**FLAGS_ONLY, **CANDIDATES[name]}
-    return T.preset("cpu", **changes, minutes=None, max_steps=images // changes["batch_size"], out_dir=str(RUNS / name),
-                    snapshot_every=every, checkpoint_every=every)
+    base = T.preset("cpu")
+    network = {k: changes.pop(k) for k in list(changes) if hasattr(base.model, k)}
+    length = dict(max_steps=images // changes["batch_size"]) if images else dict(max_steps=None)
+    return T.preset("cpu", **changes, **length, minutes=minutes, model=replace(base.model, **network),
+                    out_dir=str(run_dir(name, minutes)), snapshot_every=every, checkpoint_every=every)
 
 
 def balanced_samples(pipe: DiffusionPipeline, n: int, sampler: str, steps: int, seed: int = 0):
@@ -113,11 +141,15 @@ def score(folder: Path, n: int, sampler: str, steps: int) -> dict:
 
 
 def run(args) -> None:
-    cfg = candidate_config(args.name, args.images, args.every)
+    if CANDIDATES[args.name].get("recipe") == "hf_course":
+        return run_hf_course(args)
+    cfg = candidate_config(args.name, None if args.minutes else args.images, args.every, args.minutes)
     out = Path(cfg.out_dir)
     ledger_path = out / "ttq.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"train_s": 0.0}
-    if not (out / T.RESUME).exists() or ledger.get("step", 0) < cfg.max_steps:
+    unfinished = (ledger.get("train_s", 0.0) < 60 * cfg.minutes if cfg.minutes
+                  else ledger.get("step", 0) < cfg.max_steps)
+    if not (out / T.RESUME).exists() or unfinished:
         start = time.time()
         ledger.setdefault("started", start)
         result = T.train(cfg, progress=not args.no_progress)
@@ -133,19 +165,51 @@ def run(args) -> None:
         images = step * cfg.batch_size
         curve.append({"step": step, "images": images, "minutes": images / ledger["images_per_s"] / 60, "fid": r["fid"]})
         print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
-    final = [score(out, args.final_n, "ddim", 50), score(out, args.final_n, "dpmpp_2m", 20)]
-    if args.ddpm:
-        final.append(score(out, args.final_n, "ddpm", 1000))
-    for r in final:
-        print(f"{args.name}: {r['sampler']} {r['steps']}: FID {r['fid']:.2f} P {r['precision']:.3f} R {r['recall']:.3f} "
-              f"agree {r['class_agreement']:.3f}", flush=True)
+    final = [score(out, args.final_n, sampler, steps) for sampler, steps in final_samplers(args)]
     amp = T.training_autocast_dtype("cpu") if cfg.amp == "auto" else {"bf16": torch.bfloat16, "off": None}[cfg.amp]
-    entry = {"name": args.name, "changes": CANDIDATES[args.name], "config": cfg.to_dict(), "steps": ledger["step"],
-             "cpu_model": cpu_model(), "autocast": str(amp).removeprefix("torch.") if amp else "fp32",
-             "images": ledger["step"] * cfg.batch_size, "train_s": ledger["train_s"], "images_per_s": ledger["images_per_s"],
-             "threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)), "curve": curve, "final": final,
-             "curve_n": args.curve_n, "curve_steps": args.curve_steps}
+    write_result(args, out, cfg.to_dict(), ledger, cfg.batch_size, str(amp).removeprefix("torch.") if amp else "fp32",
+                 curve, final)
+
+
+def final_samplers(args) -> list[tuple[str, int]]:
+    """The samplers that score the last weights: ``--final`` (``sampler:steps`` each), and DDPM 1000 with ``--ddpm``."""
+    pairs = [(f.split(":")[0], int(f.split(":")[1])) for f in args.final]
+    return pairs + [("ddpm", 1000)] * args.ddpm
+
+
+def write_result(args, out: Path, config: dict, ledger: dict, batch_size: int, autocast: str, curve: list,
+                 final: list) -> None:
+    for r in final:
+        agree = f"{r['class_agreement']:.3f}" if r["class_agreement"] is not None else "-"
+        print(f"{args.name}: {r['sampler']} {r['steps']}: FID {r['fid']:.2f} P {r['precision']:.3f} R {r['recall']:.3f} "
+              f"agree {agree}", flush=True)
+    entry = {"name": args.name, "changes": CANDIDATES[args.name], "config": config, "steps": ledger["step"],
+             "cpu_model": cpu_model(), "autocast": autocast, "images": ledger["step"] * batch_size,
+             "budget": {"minutes": args.minutes} if args.minutes else {"images": args.images},
+             "train_s": ledger["train_s"], "images_per_s": ledger["images_per_s"], "threads": torch.get_num_threads(),
+             "cores": sorted(os.sched_getaffinity(0)), "curve": curve, "final": final, "curve_n": args.curve_n,
+             "curve_steps": args.curve_steps}
     atomic_write(out / "result.json", lambda tmp: tmp.write_text(json.dumps(entry, indent=2)))
+
+
+def run_hf_course(args) -> None:
+    """Diffusers' HF-course recipe (benchmarks/hf_course_recipe.py) for ``--minutes``, scored like the others."""
+    import hf_course_recipe as hf
+
+    if not args.minutes:
+        raise SystemExit("hf_course trains its own loop for a wall-clock budget: give --minutes")
+    out = run_dir(args.name, args.minutes)
+    ledger = hf.train(out, args.minutes, args.every, progress=not args.no_progress)
+    ledger["images_per_s"] = hf.RECIPE["batch_size"] * ledger["step"] / ledger["train_s"]
+    curve = []
+    for snap in sorted((out / "snapshots").glob("step_*.safetensors")):
+        step = int(snap.stem.removeprefix("step_"))
+        r = hf.score(snap, args.curve_n, "ddim", args.curve_steps)
+        images = step * hf.RECIPE["batch_size"]
+        curve.append({"step": step, "images": images, "minutes": images / ledger["images_per_s"] / 60, "fid": r["fid"]})
+        print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
+    final = [hf.score(out / "model.safetensors", args.final_n, s, n) for s, n in final_samplers(args)]
+    write_result(args, out, hf.config(), ledger, hf.RECIPE["batch_size"], "fp32", curve, final)
 
 
 def cpu_model() -> str:
@@ -171,36 +235,42 @@ def fewstep(args) -> None:
 
 
 def table(args) -> None:
-    entries = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
-    entries = [e for e in entries if not args.names or e["name"] in args.names]
+    entries = [{**json.loads(p.read_text()), "run": p.parent.name} for p in sorted(RUNS.glob("*/result.json"))]
+    entries = [e for e in entries if not args.names or e["run"] in args.names]
     if not entries:
         raise SystemExit(f"no finished runs under {RUNS}" + (f" named {', '.join(args.names)}" if args.names else ""))
     base = next((e for e in entries if e["name"] == "flags"), entries[0])
+    by_minutes = all("minutes" in e.get("budget", {}) for e in entries)
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "flags_only": FLAGS_ONLY,
             "preset_network": T.preset("cpu").model.to_dict(), "runs": entries}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.out}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
-    print("| candidate | changes | images | img/s | DDIM-50 FID | vs flags | P | R | class agreement | DPM++ 2M-20 FID |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    ref = base["final"][0]["fid"]
+    first = base["final"][0]
+    label = f"{first['sampler']}-{first['steps']}"
+    print(f"| candidate | changes | images | img/s | {label} FID | vs {base['run']} | P | R | class agreement | others |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for e in sorted(entries, key=lambda e: e["final"][0]["fid"]):
-        d, p = e["final"][0], e["final"][1]
-        print(f"| {e['name']} | {e['changes'] or '-'} | {e['images']:,} | {e['images_per_s']:.0f} | {d['fid']:.2f} | "
-              f"{d['fid'] / ref:.2f}x | {d['precision']:.3f} | {d['recall']:.3f} | {d['class_agreement']:.3f} | {p['fid']:.2f} |")
+        d = e["final"][0]
+        agree = f"{d['class_agreement']:.3f}" if d["class_agreement"] is not None else "-"
+        others = ", ".join(f"{r['sampler']}-{r['steps']} {r['fid']:.2f}" for r in e["final"][1:]) or "-"
+        print(f"| {e['run']} | {e['changes'] or '-'} | {e['images']:,} | {e['images_per_s']:.0f} | {d['fid']:.2f} | "
+              f"{d['fid'] / first['fid']:.2f}x | {d['precision']:.3f} | {d['recall']:.3f} | {agree} | {others} |")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    few = {e["name"]: best_per_budget(e) for e in entries if "few_step" in e}
+    few = {e["run"]: best_per_budget(e) for e in entries if "few_step" in e}
     fig, axes = plt.subplots(1, 1 + bool(few), figsize=(7 + 5 * bool(few), 4), layout="constrained", squeeze=False)
     ax = axes[0, 0]
     for e in entries:
         c = e["curve"]
-        ax.plot([p["images"] / 1e3 for p in c], [p["fid"] for p in c], marker="o", ms=3, label=e["name"])
-    ax.set(xlabel="thousand images seen", ylabel=f"FID ({entries[0]['curve_n']} samples, DDIM {entries[0]['curve_steps']})",
-           yscale="log", title="FID against training images (one core each)")
+        x = [p["minutes"] for p in c] if by_minutes else [p["images"] / 1e3 for p in c]
+        ax.plot(x, [p["fid"] for p in c], marker="o", ms=3, label=e["run"])
+    ax.set(xlabel="minutes of training" if by_minutes else "thousand images seen",
+           ylabel=f"FID ({entries[0]['curve_n']} samples, DDIM {entries[0]['curve_steps']})", yscale="log",
+           title=f"FID against training {'time' if by_minutes else 'images'} (one core each)")
     ax.legend(fontsize=7, ncol=2)
     if few:
         budgets = sorted({n for best in few.values() for n in best})
@@ -234,6 +304,10 @@ def main() -> None:
     p = sub.add_parser("run", help="train and score one candidate (resumable)")
     p.add_argument("name", choices=list(CANDIDATES))
     p.add_argument("--images", type=int, default=100_000, help="training images seen (the budget)")
+    p.add_argument("--minutes", type=float, help="a wall-clock budget instead of --images (for candidates that cost "
+                   "more or less per step); the run goes to build/runs/ttq/NAME-Mmin")
+    p.add_argument("--final", nargs="+", default=["ddim:50", "dpmpp_2m:20"], metavar="SAMPLER:STEPS",
+                   help="samplers that score the last weights")
     p.add_argument("--every", type=int, default=130, help="steps between snapshots on the curve")
     p.add_argument("--curve-n", type=int, default=250, help="samples per point of the curve")
     p.add_argument("--curve-steps", type=int, default=20, help="DDIM steps per point of the curve")
@@ -246,7 +320,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000, help="class-balanced samples (the course metric: 1000)")
     p.set_defaults(run=fewstep)
     p = sub.add_parser("table", help="gather the finished runs into the results table and figure")
-    p.add_argument("--names", nargs="+", help="only these runs (default: every finished run)")
+    p.add_argument("--names", nargs="+", help="only these runs, by folder name (default: every finished run)")
     p.add_argument("--out", default="time_to_quality", help="results file name under benchmarks/results/")
     p.set_defaults(run=table)
     p = sub.add_parser("score", help="score one model folder with the course metric (as the model cards' tables)")

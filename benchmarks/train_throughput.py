@@ -136,14 +136,22 @@ def step_flops(name: str, cfg: T.TrainConfig, device: torch.device) -> int:
 def cpu_peak_flops(cores: int) -> tuple[dict[str, float], str]:
     """Peak FLOP/s of ``cores`` cores of this CPU, per dtype, and how it was derived.
 
-    Per core and cycle: fp32 with two FMA units x lanes x 2, i.e. 64 on AVX-512 (16 lanes) and 32 on AVX2 (8);
-    bf16 on AMX, one 16x32 by 32x16 tile product (16,384 FLOPs) per 16 cycles = 1,024; on AVX512-BF16 alone,
-    2 x 32 x 2 = 128; without either, bf16 is emulated in fp32 (the fp32 figure). The clock is the kernel's
-    ``cpu MHz`` (a virtual machine reports its nominal clock; turbo can be higher)."""
-    mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
-    fp32_isa, fp32_per_cycle = ("AVX-512", 64) if torch.cpu._is_avx512_supported() else ("AVX2", 32)
+    Per core and cycle: fp32 with two FMA units x lanes x 2, i.e. 64 on a 512-bit datapath (16 lanes) and 32 on a
+    256-bit one: AVX2, and AMD Zen 4 (family 25), which runs each AVX-512 instruction as two 256-bit halves.
+    bf16 on AMX: one 16x32 by 32x16 tile product (16,384 FLOPs) per 16 cycles = 1,024; on AVX512-BF16 alone, a dot
+    product of bf16 pairs per fp32 lane on both FMA units: twice the fp32 figure; without either, bf16 is emulated
+    in fp32 (the fp32 figure). The clock is the kernel's ``cpu MHz`` (a virtual machine reports its nominal clock;
+    turbo can be higher)."""
+    info = open("/proc/cpuinfo").read().splitlines()
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in info if line.startswith(key)), "")  # noqa: E731
+    mhz = max(float(line.split(":")[1]) for line in info if line.startswith("cpu MHz"))
+    zen4 = field("vendor_id") == "AuthenticAMD" and field("cpu family") == "25"
+    if torch.cpu._is_avx512_supported():
+        fp32_isa, fp32_per_cycle = ("AVX-512 on 256-bit units (Zen 4)", 32) if zen4 else ("AVX-512", 64)
+    else:
+        fp32_isa, fp32_per_cycle = "AVX2", 32
     bf16_isa, bf16_per_cycle = (("AMX", 1024) if torch.cpu._is_amx_tile_supported() else
-                                ("AVX512-BF16", 128) if torch.cpu._is_avx512_bf16_supported() else
+                                ("AVX512-BF16", 2 * fp32_per_cycle) if torch.cpu._is_avx512_bf16_supported() else
                                 ("none: emulated in fp32", fp32_per_cycle))
     hz = mhz * 1e6
     how = (f"{cores} cores x {mhz / 1e3:.2f} GHz x (fp32 {fp32_isa}: {fp32_per_cycle}, bf16 {bf16_isa}: "

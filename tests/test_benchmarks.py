@@ -5,6 +5,7 @@ sampler per budget of network evaluations and builds the configs it names."""
 import json
 import sys
 
+import pytest
 import torch
 from test_pipeline import Elementwise, S
 
@@ -86,6 +87,43 @@ def test_the_study_scores_each_budget_by_its_best_sampler_and_builds_its_candida
     flow = ttq.candidate_config("flow+logit_normal", images=1280, every=5)
     assert (flow.prediction, flow.schedule, flow.weighting, flow.timesteps) == ("flow", "flow", "uniform", "logsnr_normal")
     assert (flow.logsnr_mean, flow.logsnr_std, flow.max_steps, flow.amp) == (0.0, 2.0, 10, "auto")
+
+
+def test_size_candidates_change_the_network_and_train_for_minutes():
+    wide = ttq.candidate_config("base48", images=None, every=5, minutes=30)
+    assert (wide.model.base_channels, wide.model.num_res_blocks, wide.batch_size) == (48, 1, 128)
+    assert (wide.minutes, wide.max_steps, wide.lr_schedule) == (30, None, "constant")
+    assert wide.out_dir.endswith("/base48-30min") and ttq.candidate_config("flags", 1280, 5).out_dir.endswith("/flags")
+    deep = ttq.candidate_config("res2", images=1280, every=5)
+    assert (deep.model.num_res_blocks, deep.model.base_channels, deep.max_steps) == (2, 32, 10)
+    assert ttq.candidate_config("batch64+lr1e-3", images=1280, every=5).max_steps == 20
+    for bad in (dict(name="flags", images=1280, minutes=30), dict(name="hf_course", images=None, minutes=30)):
+        with pytest.raises(SystemExit):
+            ttq.candidate_config(bad["name"], bad["images"], 5, bad["minutes"])
+
+
+def test_the_hf_course_recipe_pads_flips_and_shares_the_cosine_schedule():
+    import hf_course_recipe as hf
+    from diffusers import DDPMScheduler
+
+    schedule = hf.course_schedule()  # raises if the course's cosine differs from squaredcos_cap_v2
+    ours = schedule.alpha_bar[[0, 500, 999]].double()
+    theirs = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod[[0, 500, 999]].double()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    x = hf.batch(images, step=3)
+    assert x.shape == (64, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:-2, 2:-2] = False
+    assert (x[:, 0][:, border] == -1).all()  # padded with background
+    from lessons_lib.data import to_model
+    from lessons_lib.train import batch_indices
+
+    plain = to_model(images[batch_indices(100, 64, 0, 3)])
+    inner = x[..., 2:-2, 2:-2]
+    same = (inner == plain).flatten(1).all(1)
+    mirrored = (inner == plain.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and 10 < (mirrored & ~same).sum() < 54  # about half flipped left-right
 
 
 def test_the_latent_study_measures_psnr_against_its_definition_and_names_valid_candidates(tmp_path, monkeypatch):
