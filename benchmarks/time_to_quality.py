@@ -246,16 +246,16 @@ def table(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.out}.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
-    first = base["final"][0]
-    label = f"{first['sampler']}-{first['steps']}"
-    print(f"| candidate | changes | images | img/s | {label} FID | vs {base['run']} | P | R | class agreement | others |")
+    best = lambda e: min(e["final"], key=lambda r: r["fid"])  # noqa: E731  (the best sampler each run was scored with)
+    print(f"| candidate | changes | images | img/s | best FID (sampler) | vs {base['run']} | P | R | class agreement | all |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for e in sorted(entries, key=lambda e: e["final"][0]["fid"]):
-        d = e["final"][0]
+    for e in sorted(entries, key=lambda e: best(e)["fid"]):
+        d = best(e)
         agree = f"{d['class_agreement']:.3f}" if d["class_agreement"] is not None else "-"
-        others = ", ".join(f"{r['sampler']}-{r['steps']} {r['fid']:.2f}" for r in e["final"][1:]) or "-"
-        print(f"| {e['run']} | {e['changes'] or '-'} | {e['images']:,} | {e['images_per_s']:.0f} | {d['fid']:.2f} | "
-              f"{d['fid'] / first['fid']:.2f}x | {d['precision']:.3f} | {d['recall']:.3f} | {agree} | {others} |")
+        scores = ", ".join(f"{r['sampler']}-{r['steps']} {r['fid']:.2f}" for r in e["final"])
+        print(f"| {e['run']} | {e['changes'] or '-'} | {e['images']:,} | {e['images_per_s']:.0f} | {d['fid']:.2f} "
+              f"({d['sampler']}-{d['steps']}) | {d['fid'] / best(base)['fid']:.2f}x | {d['precision']:.3f} | "
+              f"{d['recall']:.3f} | {agree} | {scores} |")
     import matplotlib
 
     matplotlib.use("Agg")
