@@ -79,7 +79,7 @@ def train(out: Path, minutes: float, every: int, progress: bool = True) -> dict:
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
     state_path, ledger = out / "state.pt", {"step": 0, "train_s": 0.0}
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         ledger = state["ledger"]
