@@ -13,8 +13,8 @@ back to 28x28 before scoring; batches come from the in-memory uint8 tensor with 
 ``batch_indices`` instead of a DataLoader. The squaredcos_cap_v2 betas are the course's ``cosine`` schedule (the
 same formula, checked below), so the course's DDIM and DPM-Solver++ sample it with ``prediction="eps"``.
 
-Used by ``time_to_quality.py run hf_course --minutes M``: it writes the same result.json as the other candidates
-(FID of unconditional samples against the test images; no class agreement).
+Used by ``time_to_quality.py run hf_course --minutes M``, which scores ``samples`` like the other candidates and
+writes the same result.json (FID of unconditional samples against the test images; no class agreement).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from lessons_lib import metrics
 from lessons_lib import train as T
 from lessons_lib.checkpoint import atomic_write
 from lessons_lib.data import load_fashion_mnist, to_model
@@ -78,6 +77,11 @@ def train(out: Path, minutes: float, every: int, progress: bool = True) -> dict:
     images = load_fashion_mnist("train").images
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
     state_path, ledger = out / "state.pt", {"step": 0, "train_s": 0.0}
+
+    def save_state():
+        atomic_write(state_path, lambda tmp: torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                                         "ledger": ledger}, tmp))
+
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
@@ -97,13 +101,11 @@ def train(out: Path, minutes: float, every: int, progress: bool = True) -> dict:
         ledger["train_s"] = base + time.perf_counter() - start
         if ledger["step"] % every == 0:
             save_file(model.state_dict(), out / "snapshots" / f"step_{ledger['step']:06d}.safetensors")
-            atomic_write(state_path, lambda tmp: torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                                                             "ledger": ledger}, tmp))
+            save_state()
         if progress and ledger["step"] % 25 == 0:
             print(f"hf_course: step {ledger['step']}, {ledger['train_s'] / 60:.1f} min, loss {loss.item():.4f}", flush=True)
     save_file(model.state_dict(), out / "model.safetensors")
-    atomic_write(state_path, lambda tmp: torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                                                     "ledger": ledger}, tmp))
+    save_state()
     return ledger
 
 
@@ -123,15 +125,6 @@ def samples(weights: Path, n: int, sampler: str, steps: int, seed: int = 0, batc
         s = get_sampler(sampler, schedule, steps, prediction="eps")
         out.append(sample(eps_model, x_T, s, generator=g, progress=False).images[..., PAD:-PAD, PAD:-PAD])
     return torch.cat(out)
-
-
-def score(weights: Path, n: int, sampler: str, steps: int) -> dict:
-    start = time.perf_counter()
-    images = samples(weights, n, sampler, steps)
-    seconds = time.perf_counter() - start
-    r = metrics.evaluate(images, reference="test")
-    return {"sampler": sampler, "steps": steps, "n": r.n, "fid": r.fid, "precision": r.precision, "recall": r.recall,
-            "class_agreement": None, "sampling_s": seconds}
 
 
 def config() -> dict:

@@ -88,6 +88,7 @@ CANDIDATES = {
     "res2": dict(num_res_blocks=2),
     "batch64": dict(batch_size=64),
     "batch64+lr1e-3": dict(batch_size=64, lr=1e-3),
+    "batch32": dict(batch_size=32),
     # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
     # network, scheduler, optimiser and loop, unconditional; only with --minutes
     "hf_course": {"recipe": "hf_course"},
@@ -130,14 +131,32 @@ def balanced_samples(pipe: DiffusionPipeline, n: int, sampler: str, steps: int, 
     return torch.cat(images), torch.cat(labels)
 
 
-def score(folder: Path, n: int, sampler: str, steps: int) -> dict:
-    pipe = DiffusionPipeline.from_pretrained(folder, device="cpu")
+def pipeline_samples(folder: Path, n: int, sampler: str, steps: int):
+    """Class-balanced samples and their labels from a course model folder."""
+    return balanced_samples(DiffusionPipeline.from_pretrained(folder, device="cpu"), n, sampler, steps)
+
+
+def score(weights: Path, n: int, sampler: str, steps: int, draw=pipeline_samples) -> dict:
+    """The course metric of ``n`` samples that ``draw(weights, n, sampler, steps)`` returns as (images, labels);
+    labels None (an unconditional model): no class agreement."""
     start = time.perf_counter()
-    images, labels = balanced_samples(pipe, n, sampler, steps)
+    images, labels = draw(weights, n, sampler, steps)
     seconds = time.perf_counter() - start
     r = metrics.evaluate(images, reference="test", labels=labels)
     return {"sampler": sampler, "steps": steps, "n": r.n, "fid": r.fid, "precision": r.precision, "recall": r.recall,
             "class_agreement": r.accuracy, "sampling_s": seconds}
+
+
+def fid_curve(args, snapshots: list[tuple[int, Path]], batch_size: int, images_per_s: float,
+              draw=pipeline_samples) -> list[dict]:
+    """FID of ``--curve-n`` samples (DDIM ``--curve-steps``) of each (step, weights) snapshot, with its minutes."""
+    curve = []
+    for step, weights in snapshots:
+        r = score(weights, args.curve_n, "ddim", args.curve_steps, draw)
+        images = step * batch_size
+        curve.append({"step": step, "images": images, "minutes": images / images_per_s / 60, "fid": r["fid"]})
+        print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
+    return curve
 
 
 def run(args) -> None:
@@ -158,13 +177,8 @@ def run(args) -> None:
         if result.interrupted:
             raise SystemExit("interrupted; run the same command to continue")
     ledger["images_per_s"] = cfg.batch_size * ledger["step"] / ledger["train_s"]
-    curve = []
-    for snap in sorted((out / T.SNAPSHOTS_DIR).glob("step_*")):
-        step = int(snap.name.removeprefix("step_"))
-        r = score(snap, args.curve_n, "ddim", args.curve_steps)
-        images = step * cfg.batch_size
-        curve.append({"step": step, "images": images, "minutes": images / ledger["images_per_s"] / 60, "fid": r["fid"]})
-        print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
+    snapshots = [(int(p.name.removeprefix("step_")), p) for p in sorted((out / T.SNAPSHOTS_DIR).glob("step_*"))]
+    curve = fid_curve(args, snapshots, cfg.batch_size, ledger["images_per_s"])
     final = [score(out, args.final_n, sampler, steps) for sampler, steps in final_samplers(args)]
     amp = T.training_autocast_dtype("cpu") if cfg.amp == "auto" else {"bf16": torch.bfloat16, "off": None}[cfg.amp]
     write_result(args, out, cfg.to_dict(), ledger, cfg.batch_size, str(amp).removeprefix("torch.") if amp else "fp32",
@@ -201,14 +215,10 @@ def run_hf_course(args) -> None:
     out = run_dir(args.name, args.minutes)
     ledger = hf.train(out, args.minutes, args.every, progress=not args.no_progress)
     ledger["images_per_s"] = hf.RECIPE["batch_size"] * ledger["step"] / ledger["train_s"]
-    curve = []
-    for snap in sorted((out / "snapshots").glob("step_*.safetensors")):
-        step = int(snap.stem.removeprefix("step_"))
-        r = hf.score(snap, args.curve_n, "ddim", args.curve_steps)
-        images = step * hf.RECIPE["batch_size"]
-        curve.append({"step": step, "images": images, "minutes": images / ledger["images_per_s"] / 60, "fid": r["fid"]})
-        print(f"{args.name}: step {step}: FID({args.curve_n}, DDIM {args.curve_steps}) {r['fid']:.2f}", flush=True)
-    final = [hf.score(out / "model.safetensors", args.final_n, s, n) for s, n in final_samplers(args)]
+    draw = lambda weights, n, sampler, steps: (hf.samples(weights, n, sampler, steps), None)  # noqa: E731
+    snapshots = [(int(p.stem.removeprefix("step_")), p) for p in sorted((out / "snapshots").glob("step_*.safetensors"))]
+    curve = fid_curve(args, snapshots, hf.RECIPE["batch_size"], ledger["images_per_s"], draw)
+    final = [score(out / "model.safetensors", args.final_n, s, n, draw) for s, n in final_samplers(args)]
     write_result(args, out, hf.config(), ledger, hf.RECIPE["batch_size"], "fp32", curve, final)
 
 

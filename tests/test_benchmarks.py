@@ -126,6 +126,32 @@ def test_the_hf_course_recipe_pads_flips_and_shares_the_cosine_schedule():
     assert (same | mirrored).all() and 10 < (mirrored & ~same).sum() < 54  # about half flipped left-right
 
 
+def test_the_hf_course_recipe_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Stopped at its time limit and run again with a longer one, the recipe ends with the weights of one run."""
+    import types
+
+    import hf_course_recipe as hf
+    from safetensors.torch import load_file
+
+    for key, value in (("block_out_channels", (32, 32, 32, 32)), ("layers_per_block", 1), ("batch_size", 4)):
+        monkeypatch.setitem(hf.RECIPE, key, value)
+    data = types.SimpleNamespace(images=torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8))
+    monkeypatch.setattr(hf, "load_fashion_mnist", lambda split: data)
+
+    def fake_clock():  # one second per reading: the step count follows from the budget alone
+        fake_clock.now += 1.0
+        return fake_clock.now
+
+    fake_clock.now = 0.0
+    monkeypatch.setattr(hf, "time", types.SimpleNamespace(perf_counter=fake_clock))
+    whole = hf.train(tmp_path / "whole", minutes=0.2, every=2, progress=False)
+    first = hf.train(tmp_path / "parts", minutes=0.1, every=2, progress=False)["step"]
+    parts = hf.train(tmp_path / "parts", minutes=0.2, every=2, progress=False)
+    assert 0 < first < parts["step"] == whole["step"]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_latent_study_measures_psnr_against_its_definition_and_names_valid_candidates(tmp_path, monkeypatch):
     import latent_diffusion as ld
 
