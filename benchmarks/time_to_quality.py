@@ -90,6 +90,8 @@ CANDIDATES = {
     "batch64+lr1e-3": dict(batch_size=64, lr=1e-3),
     "batch32": dict(batch_size=32),
     "batch64+cosine": dict(batch_size=64, lr_schedule="cosine"),  # decays over the steps planned from the clock
+    "batch64+flow": dict(batch_size=64, prediction="flow", schedule="flow", weighting="uniform",
+                         timesteps="logsnr_normal", logsnr_mean=0.0, logsnr_std=2.0),
     # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
     # network, scheduler, optimiser and loop, unconditional; only with --minutes
     "hf_course": {"recipe": "hf_course"},
