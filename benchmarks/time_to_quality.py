@@ -59,6 +59,10 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 FLAGS_ONLY = dict(prediction="v", weighting="min_snr", amp="auto", batch_size=128, lr=2e-3, ema_decay=0.999,
                   lr_schedule="constant", ema_sigma_rel=None, timesteps="uniform")
 DECAY_EMA = dict(lr_schedule="cosine", ema_sigma_rel=0.1)  # the two changes that suit any run length, combined
+# rectified flow (lessons_lib.flow) with logit-normal t (Esser et al. 2024: t = sigmoid(n), n ~ N(0, 1), which is
+# log-SNR = -2 n ~ N(0, 2) on the flow path)
+FLOW_LOGIT_NORMAL = dict(prediction="flow", schedule="flow", weighting="uniform", timesteps="logsnr_normal",
+                         logsnr_mean=0.0, logsnr_std=2.0)
 CANDIDATES = {
     "flags": {},  # the starting point: every other row changes one or more things
     # one change each
@@ -73,11 +77,9 @@ CANDIDATES = {
     "cosine+power_ema+logsnr_normal": {**DECAY_EMA, "weighting": "uniform", "timesteps": "logsnr_normal"},
     "cosine+power_ema+lr4e-3": {**DECAY_EMA, "lr": 4e-3},
     "cosine+power_ema+ema0.05": {**DECAY_EMA, "ema_sigma_rel": 0.05},
-    # rectified flow (lessons_lib.flow): velocity target, straight path, t uniform or logit-normal (Esser et al.
-    # 2024: t = sigmoid(n), n ~ N(0, 1), which is log-SNR = -2 n ~ N(0, 2) on the flow path)
+    # rectified flow: velocity target, straight path, t uniform or logit-normal
     "flow": dict(prediction="flow", schedule="flow", weighting="uniform"),
-    "flow+logit_normal": dict(prediction="flow", schedule="flow", weighting="uniform", timesteps="logsnr_normal",
-                              logsnr_mean=0.0, logsnr_std=2.0),
+    "flow+logit_normal": FLOW_LOGIT_NORMAL,
     # v on the cosine schedule, t drawn as flow+logit_normal draws it (log-SNR ~ N(0, 2)), the v loss unweighted:
     # its one-loss weighting over log-SNR (train.objective_density) is nearly flow+logit_normal's, so the pair
     # separates the weighting from the straight path
@@ -90,8 +92,7 @@ CANDIDATES = {
     "batch64+lr1e-3": dict(batch_size=64, lr=1e-3),
     "batch32": dict(batch_size=32),
     "batch64+cosine": dict(batch_size=64, lr_schedule="cosine"),  # decays over the steps planned from the clock
-    "batch64+flow": dict(batch_size=64, prediction="flow", schedule="flow", weighting="uniform",
-                         timesteps="logsnr_normal", logsnr_mean=0.0, logsnr_std=2.0),
+    "batch64+flow": {**FLOW_LOGIT_NORMAL, "batch_size": 64},
     # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
     # network, scheduler, optimiser and loop, unconditional; only with --minutes
     "hf_course": {"recipe": "hf_course"},
