@@ -185,7 +185,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     """``cpu``: lesson 04's 30-minute run on a 2-core laptop (a 1.1M-parameter U-Net, v prediction, min-SNR-5,
     batch 64, lr 2e-3 kept constant after the warm-up, EMA 0.999 with its ramp, bf16 autocast where the CPU has
     AMX or AVX512-BF16: what the time-to-quality study found best at that length; at equal minutes batches of 64
-    beat 128, whose images/s they nearly match, with twice the steps, and on two threads 32, which keeps less
+    beat 128, keeping most of its images/s with twice the steps, and on two threads 32, which keeps less
     of the second core busy); ``long``: a 2.5M-parameter
     U-Net for runs of hours on a CPU, resumable (v prediction, min-SNR-5, bf16 autocast where the CPU has AMX,
     batch 128, lr 2e-3 on a cosine decay over the planned steps, power EMA); ``gpu``: larger, for an
