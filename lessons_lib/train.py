@@ -60,6 +60,7 @@ SNAPSHOTS_DIR = "snapshots"
 
 
 PLAN_MIN_WARMUP = 10
+PLAN_TIMED_SHARE = 0.1  # a planned run times its steps for this share of its budget past the warm-up (plan_steps)
 
 
 def _check_number(name: str, value, low: float | None, allow_none: bool = False) -> None:
@@ -165,7 +166,7 @@ class TrainConfig:
         if self.logsnr_std <= 0:
             raise ValueError(f"logsnr_std must be > 0, got {self.logsnr_std}")
         if self._plans_from_clock() and self.warmup_steps < PLAN_MIN_WARMUP:
-            raise ValueError(f"a decaying lr_schedule with a minutes budget times the warm-up to plan its steps: "
+            raise ValueError(f"a decaying lr_schedule with a minutes budget times its steps from the warm-up on to plan them: "
                              f"warmup_steps must be >= {PLAN_MIN_WARMUP}, got {self.warmup_steps}")
 
     def _plans_from_clock(self) -> bool:
@@ -415,11 +416,14 @@ def _agree(value: int, dist: Dist) -> int:
 
 
 def plan_steps(step: int, seconds_per_step: float, seconds_left: float) -> int:
-    """The last step of a minutes budget, fixed once from the speed measured during the warm-up.
+    """The last step of a minutes budget, fixed once from the speed measured over the run's first minutes.
 
     A decaying learning rate needs to know where the run ends. Planning it once, and saving it in the
     checkpoint, keeps the schedule a function of the step alone: a resumed run ends at the same step and
-    gets the same weights, however busy the machine is afterwards."""
+    gets the same weights, however busy the machine is afterwards. The trainer times the steps from the middle
+    of the warm-up to ``PLAN_TIMED_SHARE`` of the remaining budget past its end (the rate stays at its peak
+    meanwhile): a minute of timing was seen 15 % off on a shared machine, where a tenth of the budget averages
+    the slow stretches out."""
     return step + max(1, int(seconds_left / seconds_per_step))
 
 
@@ -691,7 +695,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     averaging = power_ema(cfg.ema_sigma_rel) if cfg.ema_sigma_rel is not None else ema_with_warmup(cfg.ema_decay)
     ema = AveragedModel(model, multi_avg_fn=averaging, use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = _total_steps(cfg, len(images))  # None: the clock decides, or the plan made during the warm-up
+    total = _total_steps(cfg, len(images))  # None: the clock decides, or the plan made in the run's first minutes
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_schedule))
     step, history = 0, []
     resume_path = out_dir / RESUME
@@ -734,7 +738,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     planned_run = cfg._plans_from_clock()  # the minutes become a step count, planned once: then the clock stops counting
     planning = planned_run and total is None
     if dist.main:
-        end = total if total is not None else "a step planned from the speed of the warm-up" if planning else "the time limit"
+        end = total if total is not None else "a step planned from its first minutes" if planning else "the time limit"
         print(f"training {count_parameters(model) / 1e6:.2f}M parameters on {dist.device} x{dist.world}, "
               f"batch {cfg.batch_size}, from step {step} to {end}")
 
@@ -752,7 +756,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
 
     bar = tqdm(total=total, initial=step, disable=not (progress and dist.main), desc="training", unit="step")
     start, seen, interrupted = time.perf_counter(), 0, False
-    timed_from, timer = max(step, cfg.warmup_steps // 2), None  # planning: time the second half of the warm-up
+    timed_from, timer, plan_at = max(step, cfg.warmup_steps // 2), None, None  # planning: timed from mid-warm-up
     model.train()
     try:
         while ((total is None or step < total)
@@ -761,8 +765,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
                 timer = time.perf_counter()
             if planning and timer is not None and step >= max(cfg.warmup_steps, timed_from + 1):
                 now = time.perf_counter()
-                total = plan_steps(step, (now - timer) / (step - timed_from), 60 * cfg.minutes - (now - start))
-                total = _agree(total, dist)
+                seconds_per_step, seconds_left = (now - timer) / (step - timed_from), 60 * cfg.minutes - (now - start)
+                if plan_at is None:  # a first estimate sets the step that ends the timing, the same in every process
+                    plan_at = _agree(step + int(PLAN_TIMED_SHARE * seconds_left / seconds_per_step), dist)
+            if planning and plan_at is not None and step >= plan_at:
+                total = _agree(plan_steps(step, seconds_per_step, seconds_left), dist)
                 bar.total, planning = total, False
                 if dist.main:
                     print(f"planned {total} steps for the {cfg.minutes:g}-minute budget")

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from dataclasses import replace
 
 import pytest
@@ -362,6 +363,7 @@ def test_minutes_budget_plans_its_steps_once_and_resume_keeps_the_plan(tmp_path,
     """A decaying schedule turns the minutes into a step count after the warm-up; an interrupted run resumed
     later ends at the same step with the same weights as one that was never interrupted."""
     ds = _dataset()
+    monkeypatch.setattr(T, "PLAN_TIMED_SHARE", 0.0)  # plan at the end of the warm-up
     monkeypatch.setattr(T, "plan_steps", lambda step, seconds_per_step, seconds_left: 16)
     cfg = dict(minutes=60, max_steps=None, lr_schedule="cosine", warmup_steps=10, ema_sigma_rel=0.1)
     straight = T.train(_cfg(tmp_path / "a", **cfg), ds, progress=False)
@@ -385,6 +387,31 @@ def test_minutes_budget_plans_its_steps_once_and_resume_keeps_the_plan(tmp_path,
     _assert_same_weights(straight.ema, resumed.ema)
     with pytest.raises(ValueError, match="warmup_steps must be >= 10"):
         T.preset("tiny", minutes=5, max_steps=None, lr_schedule="cosine", warmup_steps=2)
+
+
+def test_the_plan_times_a_tenth_of_the_budget_not_the_warm_up_alone(tmp_path, monkeypatch):
+    """A warm-up that runs at half speed (a busy start) must not cut the planned run short: the plan's timing goes
+    on for a tenth of the budget. Fake clock: 0.2 s per step until step 10, then 0.1 s; a 1-minute budget fits
+    10 + 58 / 0.1 = 590 steps, and timing the warm-up's second half alone would plan 10 + 58 / 0.2 = 300."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    real, planned = T.diffusion_loss, []
+
+    def timed_loss(*args, **kwargs):
+        clock.now += 0.2 if timed_loss.steps < 10 else 0.1
+        timed_loss.steps += 1
+        return real(*args, **kwargs)
+
+    timed_loss.steps = 0
+    monkeypatch.setattr(T, "diffusion_loss", timed_loss)
+    real_plan = T.plan_steps
+    monkeypatch.setattr(T, "plan_steps", lambda *a: planned.append(a) or real_plan(*a))
+    cfg = _cfg(tmp_path, minutes=1, max_steps=None, lr_schedule="cosine", warmup_steps=10, checkpoint_every=10_000)
+    result = T.train(cfg, _dataset(), progress=False)
+    (step, _, _), = planned
+    assert step > 30  # timed for a tenth of the budget after the warm-up: ~6 s of 0.1-s steps
+    assert abs(result.step - 590) / 590 < 0.15
+    assert torch.load(tmp_path / T.RESUME, weights_only=True)["total_steps"] == result.step
 
 
 def test_every_checkpoint_leaves_a_loadable_model_and_snapshots_are_kept(tmp_path, monkeypatch):
