@@ -422,7 +422,7 @@ def plan_steps(step: int, seconds_per_step: float, seconds_left: float) -> int:
     checkpoint, keeps the schedule a function of the step alone: a resumed run ends at the same step and
     gets the same weights, however busy the machine is afterwards. The trainer times the steps from the middle
     of the warm-up to ``PLAN_TIMED_SHARE`` of the remaining budget past its end (the rate stays at its peak
-    meanwhile): a minute of timing was seen 15 % off on a shared machine, where a tenth of the budget averages
+    meanwhile): a minute of timing was seen 17 % off on a shared machine, where a tenth of the budget averages
     the slow stretches out."""
     return step + max(1, int(seconds_left / seconds_per_step))
 
