@@ -768,11 +768,11 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
                 seconds_per_step, seconds_left = (now - timer) / (step - timed_from), 60 * cfg.minutes - (now - start)
                 if plan_at is None:  # a first estimate sets the step that ends the timing, the same in every process
                     plan_at = _agree(step + int(PLAN_TIMED_SHARE * seconds_left / seconds_per_step), dist)
-            if planning and plan_at is not None and step >= plan_at:
-                total = _agree(plan_steps(step, seconds_per_step, seconds_left), dist)
-                bar.total, planning = total, False
-                if dist.main:
-                    print(f"planned {total} steps for the {cfg.minutes:g}-minute budget")
+                if step >= plan_at:
+                    total = _agree(plan_steps(step, seconds_per_step, seconds_left), dist)
+                    bar.total, planning = total, False
+                    if dist.main:
+                        print(f"planned {total} steps for the {cfg.minutes:g}-minute budget")
             idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step)[shard].to(dist.device)
             t, eps, drop = (v[shard] for v in step_noise(cfg, step, (cfg.batch_size, *images.shape[1:]), schedule))
             x0 = to_model(images[idx]) if autoencoder is None else images[idx]
