@@ -93,6 +93,10 @@ CANDIDATES = {
     "batch32": dict(batch_size=32),
     "batch64+cosine": dict(batch_size=64, lr_schedule="cosine"),  # decays over the steps planned from the clock
     "batch64+flow": {**FLOW_LOGIT_NORMAL, "batch_size": 64},
+    # the long preset's question at 150 minutes: does the wider network pay once the run is five times longer?
+    # (both decay over the steps planned from the clock, so a run resumed after a pause ends where it would have)
+    "batch64+cosine+power_ema": {**DECAY_EMA, "batch_size": 64},
+    "base48+batch64+cosine+power_ema": {**DECAY_EMA, "batch_size": 64, "base_channels": 48},
     # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
     # network, scheduler, optimiser and loop, unconditional; only with --minutes
     "hf_course": {"recipe": "hf_course"},
@@ -175,7 +179,11 @@ def run(args) -> None:
     if not (out / T.RESUME).exists() or unfinished:
         start = time.time()
         ledger.setdefault("started", start)
-        result = T.train(cfg, progress=not args.no_progress)
+        # the clock bounds a constant-rate run: resumed, it trains what is left of the budget (a planned run keeps
+        # its budget and ends at its planned step)
+        left = (replace(cfg, minutes=cfg.minutes - ledger["train_s"] / 60) if cfg.minutes and not cfg.plans_from_clock()
+                else cfg)
+        result = T.train(left, progress=not args.no_progress)
         ledger.update(train_s=ledger["train_s"] + time.time() - start, step=result.step)
         atomic_write(ledger_path, lambda tmp: tmp.write_text(json.dumps(ledger, indent=2)))
         if result.interrupted:

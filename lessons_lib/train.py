@@ -165,11 +165,11 @@ class TrainConfig:
                              f"got {self.ema_sigma_rel}")
         if self.logsnr_std <= 0:
             raise ValueError(f"logsnr_std must be > 0, got {self.logsnr_std}")
-        if self._plans_from_clock() and self.warmup_steps < PLAN_MIN_WARMUP:
+        if self.plans_from_clock() and self.warmup_steps < PLAN_MIN_WARMUP:
             raise ValueError(f"a decaying lr_schedule with a minutes budget times its steps from the warm-up on to plan them: "
                              f"warmup_steps must be >= {PLAN_MIN_WARMUP}, got {self.warmup_steps}")
 
-    def _plans_from_clock(self) -> bool:
+    def plans_from_clock(self) -> bool:
         """True when the step count comes from the measured speed: a decaying schedule and only a minutes budget."""
         return self.lr_schedule != "constant" and self.max_steps is None and self.epochs is None
 
@@ -707,7 +707,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
             raise ValueError(f"the autoencoder in {cfg.autoencoder} has changed since this run began (weights sha256 "
                              f"{saved_autoencoder[:12]}... then, {autoencoder_sha256[:12]}... now): the network learnt the "
                              "old one's latents. Restore that autoencoder, or start a new run on the new one")
-        kept_plan = cfg._plans_from_clock() and int(state.get("total_steps", -1)) > 0
+        kept_plan = cfg.plans_from_clock() and int(state.get("total_steps", -1)) > 0
         changes = resume_changes(saved, cfg, kept_plan)
         load_state(model, state["model"])
         load_state(ema.module, state["ema"])
@@ -735,7 +735,7 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     conditional = cfg.model.num_classes is not None
     per_rank = cfg.batch_size // dist.world
     shard = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-    planned_run = cfg._plans_from_clock()  # the minutes become a step count, planned once: then the clock stops counting
+    planned_run = cfg.plans_from_clock()  # the minutes become a step count, planned once: then the clock stops counting
     planning = planned_run and total is None
     if dist.main:
         end = total if total is not None else "a step planned from its first minutes" if planning else "the time limit"

@@ -102,6 +102,26 @@ def test_size_candidates_change_the_network_and_train_for_minutes():
             ttq.candidate_config(bad["name"], bad["images"], 5, bad["minutes"])
 
 
+def test_a_resumed_candidate_trains_what_is_left_of_its_minutes_unless_it_planned_its_steps(tmp_path, monkeypatch):
+    """Stopped after 10 of its 30 minutes, a constant-rate candidate asks the trainer for the other 20; a decaying
+    one keeps its 30 (the trainer refuses a changed budget once it has planned its steps from it)."""
+    import types
+
+    asked = []
+    monkeypatch.setattr(ttq, "RUNS", tmp_path)
+    monkeypatch.setattr(ttq.T, "train", lambda cfg, progress: asked.append(cfg.minutes)
+                        or types.SimpleNamespace(step=7, interrupted=True))
+    for name in ("batch64", "batch64+cosine+power_ema"):
+        out = tmp_path / f"{name}-30min"
+        out.mkdir()
+        (out / "ttq.json").write_text(json.dumps({"train_s": 600.0}))
+        args = types.SimpleNamespace(name=name, minutes=30.0, images=None, every=5, no_progress=True)
+        with pytest.raises(SystemExit, match="interrupted"):
+            ttq.run(args)
+        assert json.loads((out / "ttq.json").read_text())["step"] == 7
+    assert asked == pytest.approx([20.0, 30.0])
+
+
 def test_the_hf_course_recipe_pads_flips_and_shares_the_cosine_schedule():
     import hf_course_recipe as hf
     from diffusers import DDPMScheduler
