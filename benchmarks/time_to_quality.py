@@ -21,7 +21,8 @@ batch) and diffusers' recipe from the Hugging Face course (``hf_course``, benchm
 its own network, scheduler, optimiser and loop) are compared at equal minutes. Run two at a time pinned one
 core each (``taskset -c 0 ... & taskset -c 1 ...``): both see the same conditions. ``table`` gathers every
 finished run (or those ``--names`` names, by folder) into ``benchmarks/results/time_to_quality.json`` (or
-``--out``) and draws the curves.
+``--out``) and draws the curves. A run stopped with Ctrl-C continues when the same command runs again: a
+constant-rate candidate trains what is left of its minutes, a decaying one ends at the step it planned.
 
 Run from the repository root:
   taskset -c 0 python benchmarks/time_to_quality.py run cosine --images 100000
