@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -415,6 +417,28 @@ def _agree(value: int, dist: Dist) -> int:
     return int(tensor.item())
 
 
+def _any_process(flags: tuple[bool, ...], dist: Dist) -> tuple[bool, ...]:
+    """Each flag true in every process when it is true in one: under torchrun each process reads its own clock
+    and signals, but all must stop after the same step (one left alone would wait for the others' gradients)."""
+    if dist.world == 1:
+        return flags
+    import torch.distributed as tdist
+
+    tensor = torch.tensor([int(f) for f in flags], device=dist.device)
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return tuple(bool(f) for f in tensor.tolist())
+
+
+def _sigterm_sets(flag: threading.Event):
+    """Make ``kill PID`` (SIGTERM) set ``flag`` instead of ending the process, and return what undoes it. A run
+    started with ``nohup ... &`` ignores Ctrl-C's SIGINT, so SIGTERM is how a script stops it cleanly. Only the
+    main thread may set a handler: elsewhere SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def plan_steps(step: int, seconds_per_step: float, seconds_left: float) -> int:
     """The last step of a minutes budget, fixed once from the speed measured over the run's first minutes.
 
@@ -662,8 +686,9 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     """Train (or continue training) the model described by ``cfg``; checkpoints go to ``cfg.out_dir``.
 
     Writes ``resume.pt``, ``loss.csv`` and the EMA weights as ``model.safetensors`` + ``config.json`` every
-    ``checkpoint_every`` steps, on Ctrl-C and at the end, and with ``sample_every`` a grid of
-    EMA samples (:func:`save_sample_grid`) every that many steps and at the end. Only process 0 writes.
+    ``checkpoint_every`` steps, on Ctrl-C, on ``kill PID`` (SIGTERM, after the step it is on) and at the end, and
+    with ``sample_every`` a grid of EMA samples (:func:`save_sample_grid`) every that many steps and at the end.
+    Only process 0 writes.
 
     With ``cfg.autoencoder`` the network learns the autoencoder's latents of the images (each image's posterior mean
     times the scale factor, encoded once at the start) and the model folder holds the autoencoder beside it.
@@ -757,10 +782,19 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
     bar = tqdm(total=total, initial=step, disable=not (progress and dist.main), desc="training", unit="step")
     start, seen, interrupted = time.perf_counter(), 0, False
     timed_from, timer, plan_at = max(step, cfg.warmup_steps // 2), None, None  # planning: timed from mid-warm-up
+    stop = threading.Event()  # set by SIGTERM: the run ends between two steps and saves, as on Ctrl-C
+    restore_sigterm = _sigterm_sets(stop)
     model.train()
     try:
-        while ((total is None or step < total)
-               and (cfg.minutes is None or planned_run and total is not None or time.perf_counter() - start < 60 * cfg.minutes)):
+        while total is None or step < total:
+            clock_ends = cfg.minutes is not None and not (planned_run and total is not None)  # a plan ends at its step
+            out_of_time, stopped = _any_process((clock_ends and time.perf_counter() - start >= 60 * cfg.minutes,
+                                                 stop.is_set()), dist)
+            if out_of_time:
+                break
+            if stopped:
+                interrupted = True
+                break
             if planning and step == timed_from:
                 timer = time.perf_counter()
             if planning and timer is not None and step >= max(cfg.warmup_steps, timed_from + 1):
@@ -799,11 +833,12 @@ def train(cfg: TrainConfig, dataset: ImageDataset | None = None, resume: bool = 
                 samples.append(save_sample_grid(ema.module, cfg, out_dir, step, image_size, dataset.classes, autoencoder))
     except KeyboardInterrupt:
         interrupted = True
-        if dist.main:
-            print(f"interrupted at step {step}: saving {resume_path}; run again to resume")
     finally:
         bar.close()
+        restore_sigterm()
     if dist.main:
+        if interrupted:
+            print(f"interrupted at step {step}: saving {resume_path}; run again to resume")
         write_checkpoint()
         if cfg.sample_every and step and not interrupted and _grid_path(out_dir, step) not in samples:
             samples.append(save_sample_grid(ema.module, cfg, out_dir, step, image_size, dataset.classes, autoencoder))  # the end

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -228,6 +229,31 @@ def test_torchrun_two_processes_match_one(tmp_path):
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_torchrun_processes_whose_clocks_disagree_stop_after_the_same_step(tmp_path):
+    """A minutes budget under torchrun: process 1's clock runs at a quarter of process 0's speed, so alone it would
+    train four times longer and wait forever for process 0's gradients. Both must stop when process 0's time is up."""
+    script = tmp_path / "skewed_clock.py"
+    script.write_text(
+        "import os, sys, time, types\n"
+        "import torch\n"
+        "from lessons_lib import train as T\n"
+        "from lessons_lib.data import ImageDataset\n"
+        "rate = 1.0 if os.environ['RANK'] == '0' else 0.25\n"
+        "T.time = types.SimpleNamespace(perf_counter=lambda: rate * time.perf_counter(), time=time.time)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "ds = ImageDataset(torch.randint(0, 256, (48, 1, 16, 16), generator=g, dtype=torch.uint8),\n"
+        "                  torch.randint(0, 10, (48,), generator=g), [str(i) for i in range(10)], 'synthetic')\n"
+        "cfg = T.preset('tiny', max_steps=None, minutes=0.05, device='cpu', amp='off', out_dir=sys.argv[1])\n"
+        "result = T.train(cfg, ds, progress=False)\n"
+        "print(f'rank {os.environ[\"RANK\"]} stopped at step {result.step}', flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                          str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    steps = {int(line.split()[-1]) for line in two.stdout.splitlines() if "stopped at step" in line}
+    assert len(steps) == 1 and steps.pop() == torch.load(tmp_path / "out" / T.RESUME, weights_only=True)["step"] > 0
+
+
 @pytest.mark.parametrize("variant", ["attention", "simple"])  # simple: BatchNorm, whose statistics sampling must not touch
 def test_sample_grids_leave_training_bit_identical(tmp_path, variant, small_grids):
     """Grids of EMA samples every 2 steps (and at the end) are written, and the weights match a run without them."""
@@ -387,6 +413,33 @@ def test_minutes_budget_plans_its_steps_once_and_resume_keeps_the_plan(tmp_path,
     _assert_same_weights(straight.ema, resumed.ema)
     with pytest.raises(ValueError, match="warmup_steps must be >= 10"):
         T.preset("tiny", minutes=5, max_steps=None, lr_schedule="cosine", warmup_steps=2)
+
+
+def test_sigterm_ends_the_run_after_its_step_and_the_resumed_run_matches_one_never_stopped(tmp_path, monkeypatch):
+    """``kill PID`` during step 5 lets that step finish, then the run saves and returns interrupted (no step is
+    half-applied: resumed, it ends with the weights of a run never stopped); the handler goes when train returns."""
+    ds = _dataset()
+    straight = T.train(_cfg(tmp_path / "a"), ds, progress=False)
+    real, calls = T.diffusion_loss, {"n": 0}
+
+    def sigterm_during_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                pytest.fail("train() did not take over SIGTERM: the signal would end the test process")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "diffusion_loss", sigterm_during_step_5)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = T.train(_cfg(tmp_path / "b"), ds, progress=False)
+    assert stopped.interrupted and stopped.step == 5 and signal.getsignal(signal.SIGTERM) is before
+    assert torch.load(tmp_path / "b" / T.RESUME, weights_only=True)["step"] == 5
+    monkeypatch.setattr(T, "diffusion_loss", real)
+    resumed = T.train(_cfg(tmp_path / "b"), ds, progress=False)
+    assert resumed.step == straight.step == 10 and not resumed.interrupted
+    _assert_same_weights(straight.model, resumed.model)
+    _assert_same_weights(straight.ema, resumed.ema)
 
 
 def test_the_plan_times_a_tenth_of_the_budget_not_the_warm_up_alone(tmp_path, monkeypatch):
