@@ -175,8 +175,10 @@ def run(args) -> None:
     out = Path(cfg.out_dir)
     ledger_path = out / "ttq.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"train_s": 0.0}
-    unfinished = (ledger.get("train_s", 0.0) < 60 * cfg.minutes if cfg.minutes
-                  else ledger.get("step", 0) < cfg.max_steps)
+    # a planned run ends at its planned step, which its clock may reach a few seconds early or late
+    unfinished = (ledger.get("step", 0) < cfg.max_steps if not cfg.minutes
+                  else not ledger.get("finished") if cfg.plans_from_clock()
+                  else ledger.get("train_s", 0.0) < 60 * cfg.minutes)
     if not (out / T.RESUME).exists() or unfinished:
         start = time.time()
         ledger.setdefault("started", start)
@@ -185,7 +187,7 @@ def run(args) -> None:
         left = (replace(cfg, minutes=cfg.minutes - ledger["train_s"] / 60) if cfg.minutes and not cfg.plans_from_clock()
                 else cfg)
         result = T.train(left, progress=not args.no_progress)
-        ledger.update(train_s=ledger["train_s"] + time.time() - start, step=result.step)
+        ledger.update(train_s=ledger["train_s"] + time.time() - start, step=result.step, finished=not result.interrupted)
         atomic_write(ledger_path, lambda tmp: tmp.write_text(json.dumps(ledger, indent=2)))
         if result.interrupted:
             raise SystemExit("interrupted; run the same command to continue")

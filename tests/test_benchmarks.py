@@ -122,6 +122,26 @@ def test_a_resumed_candidate_trains_what_is_left_of_its_minutes_unless_it_planne
     assert asked == pytest.approx([20.0, 30.0])
 
 
+def test_a_planned_candidate_that_ended_early_on_its_clock_goes_straight_to_scoring(tmp_path, monkeypatch):
+    """A decaying candidate ends at its planned step, here 2 s before its 30 minutes: run again, it scores the
+    weights without starting the trainer (which would add its start-up to the ledger's seconds)."""
+    import types
+
+    monkeypatch.setattr(ttq, "RUNS", tmp_path)
+    monkeypatch.setattr(ttq.T, "train", lambda cfg, progress: pytest.fail("a finished run was trained again"))
+    scored = []
+    monkeypatch.setattr(ttq, "fid_curve", lambda args, snapshots, batch_size, images_per_s: [])
+    monkeypatch.setattr(ttq, "write_result", lambda args, out, config, ledger, *rest: scored.append(ledger))
+    out = tmp_path / "batch64+cosine+power_ema-30min"
+    out.mkdir()
+    (out / ttq.T.RESUME).write_bytes(b"")
+    (out / "ttq.json").write_text(json.dumps({"train_s": 1798.0, "step": 2_000, "finished": True}))
+    args = types.SimpleNamespace(name="batch64+cosine+power_ema", minutes=30.0, images=None, every=5,
+                                 no_progress=True, final=[], ddpm=False)
+    ttq.run(args)
+    assert scored and scored[0]["train_s"] == 1798.0 and scored[0]["images_per_s"] == pytest.approx(64 * 2_000 / 1798)
+
+
 def test_the_hf_course_recipe_pads_flips_and_shares_the_cosine_schedule():
     import hf_course_recipe as hf
     from diffusers import DDPMScheduler
