@@ -102,6 +102,17 @@ def test_size_candidates_change_the_network_and_train_for_minutes():
             ttq.candidate_config(bad["name"], bad["images"], 5, bad["minutes"])
 
 
+def test_the_long_preset_trains_the_candidate_its_150_minute_study_measured():
+    """The long preset is the study's base-48 candidate at 150 minutes in every field that shapes the training."""
+    from lessons_lib.train import preset
+
+    measured = ttq.candidate_config("base48+batch64+cosine+power_ema", images=None, every=750, minutes=150).to_dict()
+    shipped_run = preset("long").to_dict()
+    recipe = ("model", "prediction", "weighting", "timesteps", "schedule", "batch_size", "lr", "lr_schedule",
+              "warmup_steps", "ema_sigma_rel", "class_dropout", "compile", "minutes", "max_steps")
+    assert {k: shipped_run[k] for k in recipe} == {k: measured[k] for k in recipe}
+
+
 def test_a_resumed_candidate_trains_what_is_left_of_its_minutes_unless_it_planned_its_steps(tmp_path, monkeypatch):
     """Stopped after 10 of its 30 minutes, a constant-rate candidate asks the trainer for the other 20; a decaying
     one keeps its 30 (the trainer refuses a changed budget once it has planned its steps from it)."""
