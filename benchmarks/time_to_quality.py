@@ -101,6 +101,7 @@ CANDIDATES = {
     # the cpu preset's question at 30 minutes: do the decay and the power EMA pay in a short run, and does a rate
     # that decays to 0 take a higher peak?
     "batch64+cosine+power_ema+lr4e-3": {**DECAY_EMA, "batch_size": 64, "lr": 4e-3},
+    "batch64+lr4e-3": dict(batch_size=64, lr=4e-3),
     # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
     # network, scheduler, optimiser and loop, unconditional; only with --minutes
     "hf_course": {"recipe": "hf_course"},
