@@ -98,8 +98,8 @@ CANDIDATES = {
     # (both decay over the steps planned from the clock, so a run resumed after a pause ends where it would have)
     "batch64+cosine+power_ema": {**DECAY_EMA, "batch_size": 64},
     "base48+batch64+cosine+power_ema": {**DECAY_EMA, "batch_size": 64, "base_channels": 48},
-    # the cpu preset's question at 30 minutes: do the decay and the power EMA pay in a short run, and does a rate
-    # that decays to 0 take a higher peak?
+    # the cpu preset's questions at 30 minutes: do the decay and the power EMA pay in a short run, and does a rate
+    # that decays to 0, or a constant one, take a higher peak?
     "batch64+cosine+power_ema+lr4e-3": {**DECAY_EMA, "batch_size": 64, "lr": 4e-3},
     "batch64+lr4e-3": dict(batch_size=64, lr=4e-3),
     # diffusers' recipe from the first unit of the Hugging Face course (benchmarks/hf_course_recipe.py): its own
